@@ -213,3 +213,21 @@ def redact(text: str) -> str:
     text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
     text = _KEY_VALUE.sub(lambda m: m.group("name") + m.group("sep") + "***", text)
     return text
+
+
+def list_sizes(uri: str, options: StorageOptions | None = None) -> dict[str, int]:
+    """``{relative key: size in bytes}`` for the files under ``uri`` (same rules as ``list_files``)."""
+    fs, root = filesystem(uri, options)
+    if is_s3(uri):
+        fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return {}
+    root_prefix = root.rstrip("/") + "/"
+    out = {}
+    for full, info in fs.find(root, detail=True).items():
+        full = str(full)
+        rel = full[len(root_prefix):] if full.startswith(root_prefix) else os.path.basename(full)
+        if not rel or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        out[rel] = int(info.get("size") or 0)
+    return dict(sorted(out.items()))
