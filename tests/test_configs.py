@@ -1,0 +1,70 @@
+"""Every shipped config loads through the training config; overrides and validation name the option."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, flatten, from_dict, load_config, to_dict
+from jobs.train import TrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_the_reference_configs_are_shipped():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny.yaml", "places2.yaml", "celeba_hq.yaml", "imagenet.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(TrainConfig, path)
+    assert cfg.steps >= 1 and cfg.batch_size >= 1
+    assert cfg.data.crop_size % 16 == 0
+    # the resolved config survives a round trip, and its key paths are the MLflow param names
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
+    flat = flatten(cfg)
+    assert "gan.gp_weight" in flat and "data.storage.endpoint_url" in flat
+
+
+def test_reference_hyperparameters_in_places2():
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / "places2.yaml")
+    assert (cfg.data.crop_size, cfg.batch_size, cfg.gan.n_critic) == (256, 16, 5)
+    assert (cfg.optim.lr_generator, cfg.optim.beta1, cfg.optim.beta2) == (1e-4, 0.5, 0.9)
+    g = cfg.gan
+    assert (g.l1_weight, g.ae_weight, g.gan_weight, g.gp_weight, g.coarse_weight) == (1.2, 1.2, 0.001, 10.0, 1.2)
+    assert cfg.data.shards.startswith("s3://") and cfg.checkpoint.storage_path.startswith("s3://")
+    assert cfg.scaling.use_gpu
+
+
+def test_set_overrides_use_the_key_paths():
+    cfg = load_config(TrainConfig, None, ["gan.n_critic=2", "data.crop_size=128", "scaling.num_workers=3",
+                                          "tracking.alias=staging", "scaling.custom_resources={trainer: 1}"])
+    assert (cfg.gan.n_critic, cfg.data.crop_size, cfg.scaling.num_workers) == (2, 128, 3)
+    assert cfg.tracking.alias == "staging"
+    assert cfg.scaling.custom_resources == {"trainer": 1}
+
+
+def test_unknown_keys_are_rejected_with_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, ["gan.gp_wieght=3"])
+    assert "gp_wieght" in str(err.value) and "gp_weight" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, {"optim": {"lr": 1.0}})
+    assert "lr_generator" in str(err.value)
+
+
+@pytest.mark.parametrize("override, option", [
+    ("gan.n_critic=0", "gan.n_critic"),
+    ("steps=0", "steps"),
+    ("data.crop_size=72", "data.crop_size"),  # a multiple of 8 but not of 16
+    ("optim.beta2=1.5", "optim.beta2"),
+    ("checkpoint.every=0", "checkpoint.every"),
+    ("scaling.custom_resources={CPU: 2}", "scaling.custom_resources.CPU"),
+    ("debug.fail_at_step=-1", "debug.fail_at_step"),
+])
+def test_validation_names_the_option(override, option):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, [override])
+    assert option in str(err.value)
