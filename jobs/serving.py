@@ -1,0 +1,252 @@
+"""The generator as an MLflow model, and one loader for every way a user names a model.
+
+- ``InpaintModel``: an MLflow pyfunc whose one artifact, ``"checkpoint"``, is a ``models.checkpoint``
+  generator file. ``predict`` runs the one inference path, ``models.inpaint``.
+- ``log_inpaint_model``: log that pyfunc (with a tensor signature) inside the active MLflow run, register it
+  and point an alias (e.g. ``candidate``) at the new version.
+- ``load_generator``: ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``, a generator file
+  (local or ``s3://``) or a training checkpoint folder holding ``generator.pt`` -> (InpaintGenerator, info).
+
+The logged model carries no project code: it loads in a Python environment where this project
+(``deepfill-ray``) is installed, which is where ``jobs.serving.InpaintModel`` is imported from.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+from importlib import metadata
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact key holding the generator file
+GENERATOR_FILENAME = "generator.pt"  # a generator file's name inside a training checkpoint folder
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def inpaint_uint8(generator, image: np.ndarray, mask: np.ndarray, *, return_offsets: bool = False):
+    """Inpaint uint8 images through ``models.inpaint`` (the one inference path).
+
+    image: uint8 (N, H, W, 3) RGB. mask: (N, H, W, 1) or (N, H, W), nonzero = hole ({0, 1} or {0, 255}).
+    Returns uint8 (N, H, W, 3) where known pixels equal the input exactly; with ``return_offsets`` also
+    the attention offsets tensor from ``models.inpaint``.
+    """
+    import models
+
+    image = np.asarray(image)
+    mask = np.asarray(mask)
+    if image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (N, H, W, 3), got {image.dtype} {image.shape}")
+    if mask.ndim == 3:
+        mask = mask[..., None]
+    if mask.shape != image.shape[:3] + (1,):
+        raise ValueError(f"mask must be (N, H, W, 1) matching image {image.shape}, got {mask.shape}")
+    device = next(generator.parameters()).device
+    x = models.to_model_range(torch.from_numpy(np.ascontiguousarray(image))).to(device)  # (N, 3, H, W)
+    m = torch.from_numpy((mask > 0).astype(np.float32)).permute(0, 3, 1, 2).to(device)  # (N, 1, H, W)
+    out = models.inpaint(generator, x, m, return_offsets=return_offsets)
+    if return_offsets:
+        composite, offsets = out
+    else:
+        composite, offsets = out, None
+    result = models.to_uint8(composite)  # (N, H, W, 3)
+    result = result.cpu().numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
+    # the composite keeps known pixels of the [-1, 1] input; the uint8 round trip must give them back exactly
+    known = mask[..., 0] == 0
+    result[known] = image[known]
+    return (result, offsets) if return_offsets else result
+
+
+try:
+    import mlflow.pyfunc as _pyfunc
+
+    _PythonModel = _pyfunc.PythonModel
+except ImportError:  # pragma: no cover - mlflow is a project dependency
+    _PythonModel = object
+
+
+class InpaintModel(_PythonModel):
+    """MLflow pyfunc around the generator.
+
+    Artifact ``"checkpoint"``: a ``models.checkpoint`` generator file. ``predict`` takes
+    ``{"image": uint8 (N, H, W, 3) RGB, "mask": uint8 (N, H, W, 1), nonzero = hole}`` (any H, W; one size
+    per call) and returns the inpainted uint8 (N, H, W, 3); known pixels are returned unchanged.
+    """
+
+    def __init__(self):
+        self.generator = None
+
+    def load_context(self, context):
+        import models.checkpoint
+
+        path = context.artifacts[CHECKPOINT_ARTIFACT]
+        generator, _ = models.checkpoint.load_generator(path, map_location="cpu")
+        self.generator = generator.to(_device(None)).eval()
+
+    def predict(self, context, model_input, params=None):
+        if not isinstance(model_input, dict) or "image" not in model_input or "mask" not in model_input:
+            raise ValueError('model_input must be a dict {"image": (N, H, W, 3) uint8, "mask": (N, H, W, 1) uint8}')
+        image = np.asarray(model_input["image"], dtype=np.uint8)
+        mask = np.asarray(model_input["mask"], dtype=np.uint8)
+        return inpaint_uint8(self.generator, image, mask)
+
+
+def model_signature():
+    """Tensor signature: image uint8 (-1, -1, -1, 3), mask uint8 (-1, -1, -1, 1) -> uint8 (-1, -1, -1, 3)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    u8 = np.dtype(np.uint8)
+    inputs = Schema([TensorSpec(u8, (-1, -1, -1, 3), "image"), TensorSpec(u8, (-1, -1, -1, 1), "mask")])
+    outputs = Schema([TensorSpec(u8, (-1, -1, -1, 3), "inpainted")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _pip_requirements() -> list[str]:
+    """The runtime packages the pyfunc imports (pinned to what logged it); the project itself must be installed."""
+    reqs = []
+    for name in ("torch", "numpy", "mlflow"):
+        try:
+            version = metadata.version(name).split("+", 1)[0]
+            reqs.append(f"{name}=={version}")
+        except metadata.PackageNotFoundError:
+            reqs.append(name)
+    return reqs
+
+
+def log_inpaint_model(generator_checkpoint_path: str, *, name: str = "model",
+                      registered_model_name: str | None = None, alias: str | None = None):
+    """Log the generator file as an ``InpaintModel`` pyfunc in the active MLflow run.
+
+    generator_checkpoint_path: a local ``models.checkpoint`` generator file (or an ``s3://`` URI; it is
+    copied locally first). With ``registered_model_name`` the model is registered, and with ``alias`` that
+    alias is set on the new version. Returns MLflow's ModelInfo (``.registered_model_version`` is the
+    version number, or None when not registered).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_inpaint_model must be called inside an active MLflow run")
+    if alias and not registered_model_name:
+        raise ValueError("alias needs registered_model_name")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = generator_checkpoint_path
+        if "://" in str(local) and not str(local).startswith("file://"):
+            from pipeline import storage
+
+            local = os.path.join(tmp, GENERATOR_FILENAME)
+            with open(local, "wb") as f:
+                f.write(storage.read_bytes(generator_checkpoint_path))
+        info = mlflow.pyfunc.log_model(
+            name=name,
+            python_model=InpaintModel(),
+            artifacts={CHECKPOINT_ARTIFACT: str(local)},
+            signature=model_signature(),
+            pip_requirements=_pip_requirements(),
+            registered_model_name=registered_model_name,
+        )
+    version = getattr(info, "registered_model_version", None)
+    if registered_model_name and alias and version is not None:
+        MlflowClient().set_registered_model_alias(registered_model_name, alias, str(version))
+        log.info("registered %s version %s as @%s", registered_model_name, version, alias)
+    return info
+
+
+def _parse_models_uri(ref: str) -> tuple[str, str | None, str | None]:
+    """``models:/name@alias`` -> (name, None, alias); ``models:/name/3`` -> (name, "3", None)."""
+    body = ref[len("models:/"):].strip("/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, None, alias
+    if "/" in body:
+        name, version = body.rsplit("/", 1)
+        return name, version, None
+    raise ValueError(f"model URI must be models:/<name>@<alias> or models:/<name>/<version>, got {ref!r}")
+
+
+def resolve_model_version(ref: str) -> dict:
+    """Registry facts for a ``models:/`` URI: {"model_name", "model_version", "run_id", "model_uri"}."""
+    from mlflow import MlflowClient
+
+    name, version, alias = _parse_models_uri(ref)
+    client = MlflowClient()
+    mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    return {"model_name": mv.name, "model_version": str(mv.version), "run_id": mv.run_id,
+            "model_uri": f"models:/{mv.name}/{mv.version}", "alias": alias}
+
+
+def _checkpoint_in_model_dir(model_dir: str) -> str:
+    """Path of the generator file inside a downloaded pyfunc model folder (read from its MLmodel)."""
+    from mlflow.models import Model
+
+    conf = Model.load(os.path.join(model_dir, "MLmodel")).flavors.get("python_function", {})
+    artifact = conf.get("artifacts", {}).get(CHECKPOINT_ARTIFACT)
+    if not artifact:
+        raise ValueError("the MLflow model has no 'checkpoint' artifact: not a deepfill InpaintModel")
+    return os.path.join(model_dir, artifact["path"])
+
+
+def fetch_checkpoint(ref: str) -> tuple[bytes, dict]:
+    """The raw generator file behind any model reference (see ``load_generator``), and facts about it.
+
+    Returns (bytes of a ``models.checkpoint`` generator file, info dict with "ref" and, for ``models:/``
+    refs, "model_name", "model_version", "run_id"; for ``runs:/`` refs "run_id").
+    """
+    info: dict = {"ref": ref}
+    if ref.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        if ref.startswith("models:/"):
+            info.update(resolve_model_version(ref))
+            uri = info["model_uri"]
+        else:
+            info["run_id"] = ref[len("runs:/"):].split("/", 1)[0]
+            uri = ref
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            with open(_checkpoint_in_model_dir(model_dir), "rb") as f:
+                return f.read(), info
+    from pipeline import storage
+
+    fs, path = storage.filesystem(ref)
+    if fs.isdir(path):
+        path = path.rstrip("/") + "/" + GENERATOR_FILENAME
+        if not fs.exists(path):
+            raise FileNotFoundError(f"no {GENERATOR_FILENAME} in the checkpoint folder {storage.redact(ref)}")
+    elif not fs.exists(path):
+        raise FileNotFoundError(f"no model checkpoint at {storage.redact(ref)}")
+    with fs.open(path, "rb") as f:
+        return f.read(), info
+
+
+def generator_from_bytes(data: bytes, *, device: str | torch.device | None = None):
+    """A generator file's bytes -> (InpaintGenerator in eval mode on ``device``, checkpoint meta dict)."""
+    import models.checkpoint
+
+    generator, meta = models.checkpoint.load_generator(io.BytesIO(data), map_location="cpu")
+    return generator.to(_device(device)).eval(), meta
+
+
+def load_generator(ref: str, *, device: str | torch.device | None = None):
+    """Load a generator from any model reference; returns (InpaintGenerator in eval mode, info dict).
+
+    ref: ``models:/name@alias`` | ``models:/name/<version>`` | ``runs:/<run_id>/<path>`` | a generator file
+    (path, ``file://`` or ``s3://``) | a folder holding ``generator.pt`` (a training checkpoint). ``device``
+    defaults to CUDA when present, else CPU. info holds "ref" plus registry facts for ``models:/`` refs
+    ("model_name", "model_version", "run_id") and the checkpoint's "step".
+    """
+    data, info = fetch_checkpoint(ref)
+    generator, meta = generator_from_bytes(data, device=device)
+    info["step"] = int(meta.get("step", 0)) if isinstance(meta, dict) else 0
+    return generator, info

@@ -1,0 +1,119 @@
+"""jobs.serving: the pyfunc model logged, registered, loaded by alias, and every load_generator ref."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import models
+import models.checkpoint
+from jobs import serving
+
+
+@pytest.fixture()
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    generator = models.InpaintGenerator(cnum=8).eval()
+    path = tmp_path / "gen" / serving.GENERATOR_FILENAME
+    path.parent.mkdir()
+    models.checkpoint.save_generator(str(path), generator, step=7)
+    return path, generator
+
+
+@pytest.fixture()
+def sqlite_mlflow(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("serving-test")
+    yield mlflow
+    mlflow.set_tracking_uri(None)
+
+
+def _odd_input(seed=0, h=37, w=53):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+    mask = np.zeros((1, h, w, 1), np.uint8)
+    mask[:, 10:25, 12:40] = 1
+    return image, mask
+
+
+def test_pyfunc_logged_registered_and_loaded_by_alias(tiny_checkpoint, sqlite_mlflow):
+    mlflow = sqlite_mlflow
+    path, generator = tiny_checkpoint
+    with mlflow.start_run() as run:
+        info = serving.log_inpaint_model(str(path), registered_model_name="tiny-inpaint", alias="candidate")
+    assert str(info.registered_model_version) == "1"
+    mv = mlflow.MlflowClient().get_model_version_by_alias("tiny-inpaint", "candidate")
+    assert str(mv.version) == "1" and mv.run_id == run.info.run_id
+
+    pyfunc = mlflow.pyfunc.load_model("models:/tiny-inpaint@candidate")
+    sig = pyfunc.metadata.signature
+    assert [s.name for s in sig.inputs.inputs] == ["image", "mask"]
+    assert sig.inputs.inputs[0].shape == (-1, -1, -1, 3)
+
+    image, mask = _odd_input()
+    out = pyfunc.predict({"image": image, "mask": mask})
+    assert out.shape == image.shape and out.dtype == np.uint8
+    known = mask[..., 0] == 0
+    np.testing.assert_array_equal(out[known], image[known])
+    assert not np.array_equal(out[~known], image[~known])  # the hole was filled with something new
+
+    # the same pixels as calling the one inference path directly on the original generator
+    direct = serving.inpaint_uint8(generator, image, mask)
+    np.testing.assert_array_equal(out, direct)
+
+
+def test_load_generator_from_every_kind_of_ref(tiny_checkpoint, sqlite_mlflow, s3_bucket):
+    mlflow = sqlite_mlflow
+    path, generator = tiny_checkpoint
+    with mlflow.start_run() as run:
+        serving.log_inpaint_model(str(path), registered_model_name="tiny-refs", alias="champion")
+    with mlflow.start_run():
+        serving.log_inpaint_model(str(path), registered_model_name="tiny-refs")  # version 2, no alias
+
+    from pipeline import storage
+
+    s3_uri = f"{s3_bucket}/ckpt/{serving.GENERATOR_FILENAME}"
+    storage.write_bytes_atomic(s3_uri, path.read_bytes())
+
+    image, mask = _odd_input(1, 24, 40)
+    expected = serving.inpaint_uint8(generator, image, mask)
+    refs = {
+        "models:/tiny-refs@champion": {"model_name": "tiny-refs", "model_version": "1"},
+        "models:/tiny-refs/2": {"model_name": "tiny-refs", "model_version": "2"},
+        f"runs:/{run.info.run_id}/model": {"run_id": run.info.run_id},
+        str(path): {},
+        str(path.parent): {},  # a training checkpoint folder holding generator.pt
+        s3_uri: {},
+        f"{s3_bucket}/ckpt": {},
+    }
+    for ref, facts in refs.items():
+        loaded, info = serving.load_generator(ref, device="cpu")
+        assert info["step"] == 7, ref
+        for k, v in facts.items():
+            assert info[k] == v, (ref, k)
+        np.testing.assert_array_equal(serving.inpaint_uint8(loaded, image, mask), expected)
+
+
+def test_bad_refs_and_inputs(tiny_checkpoint, tmp_path):
+    path, generator = tiny_checkpoint
+    with pytest.raises(FileNotFoundError, match="generator.pt"):
+        serving.load_generator(str(tmp_path))
+    with pytest.raises(ValueError, match="models:/<name>@<alias>"):
+        serving.load_generator("models:/just-a-name")
+    image, mask = _odd_input()
+    with pytest.raises(ValueError, match="mask must be"):
+        serving.inpaint_uint8(generator, image, mask[:, :-1])
+    model = serving.InpaintModel()
+    model.generator = generator
+    with pytest.raises(ValueError, match="model_input must be a dict"):
+        model.predict(None, image)
+
+
+def test_log_outside_a_run_is_an_error(tiny_checkpoint, sqlite_mlflow):
+    path, _ = tiny_checkpoint
+    with pytest.raises(RuntimeError, match="active MLflow run"):
+        serving.log_inpaint_model(str(path))
