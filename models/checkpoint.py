@@ -1,0 +1,81 @@
+"""Self-describing generator checkpoints: one torch.save'd dict of plain types and tensors.
+
+{"format": "deepfill-ray/generator/1", "model": {"cnum": int}, "generator": state_dict, "step": int,
+ "config": plain dict, "extra": plain dict}. Loads with torch.load(weights_only=True) on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.generator import InpaintGenerator
+
+FORMAT = "deepfill-ray/generator/1"
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj, where: str) -> None:
+    """Raise ValueError unless obj is made of dict/list/tuple/str/int/float/bool/None (weights_only-safe)."""
+    if isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: keys must be str, got {type(k).__name__}")
+            _check_plain(v, f"{where}.{k}")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise ValueError(f"{where}: {type(obj).__name__} is not a plain value (use dicts, lists, str, numbers)")
+
+
+def _unwrap(generator: torch.nn.Module) -> InpaintGenerator:
+    g = getattr(generator, "module", generator)  # DistributedDataParallel
+    g = getattr(g, "_orig_mod", g)  # torch.compile
+    if not isinstance(g, InpaintGenerator):
+        raise ValueError(f"expected an InpaintGenerator, got {type(g).__name__}")
+    return g
+
+
+def generator_state(generator, *, step: int = 0, config: dict | None = None, extra: dict | None = None) -> dict:
+    """The checkpoint dict for `generator` (CPU tensors). config / extra must be plain dicts."""
+    g = _unwrap(generator)
+    config = {} if config is None else config
+    extra = {} if extra is None else extra
+    _check_plain(config, "config")
+    _check_plain(extra, "extra")
+    return {
+        "format": FORMAT,
+        "model": {"cnum": g.cnum},
+        "generator": {k: v.detach().cpu().clone() for k, v in g.state_dict().items()},
+        "step": int(step),
+        "config": config,
+        "extra": extra,
+    }
+
+
+def generator_from_state(state: dict, map_location="cpu") -> tuple[InpaintGenerator, dict]:
+    """Rebuild (generator, meta) from a checkpoint dict; meta = {"step", "config", "extra", "model"}."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"not a {FORMAT} checkpoint (format={got!r})")
+    g = InpaintGenerator(cnum=int(state["model"]["cnum"]))
+    g.load_state_dict(state["generator"])
+    g.to(map_location)
+    meta = {"step": int(state.get("step", 0)), "config": state.get("config", {}),
+            "extra": state.get("extra", {}), "model": dict(state["model"])}
+    return g, meta
+
+
+def save_generator(f, generator, *, step: int = 0, config: dict | None = None, extra: dict | None = None) -> None:
+    """Write the checkpoint to f: a path or a writable binary file object."""
+    torch.save(generator_state(generator, step=step, config=config, extra=extra), f)
+
+
+def load_generator(f, map_location="cpu") -> tuple[InpaintGenerator, dict]:
+    """Read a checkpoint from f (path or readable binary file object) with torch.load(weights_only=True).
+    Returns (generator on map_location, meta dict with step, config, extra, model)."""
+    state = torch.load(f, map_location="cpu", weights_only=True)
+    return generator_from_state(state, map_location=map_location)

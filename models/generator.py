@@ -1,0 +1,80 @@
+"""DeepFill v1 generator: a coarse network and a refinement network with contextual attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.attention import ContextualAttention
+from models.layers import GenConv, GenDeconv
+
+
+class InpaintGenerator(nn.Module):
+    """Two-stage coarse-to-fine inpainting generator (layer list in the DeepFill v1 release).
+
+    With cnum=32 it has exactly 3,601,542 parameters. `self.attention` is the ContextualAttention module.
+    """
+
+    def __init__(self, cnum: int = 32):
+        super().__init__()
+        self.cnum = c = int(cnum)
+        # Stage 1: coarse network (5 input channels: masked image, ones, mask).
+        self.coarse = nn.Sequential(
+            GenConv(5, c, 5), GenConv(c, 2 * c, 3, 2), GenConv(2 * c, 2 * c, 3),
+            GenConv(2 * c, 4 * c, 3, 2), GenConv(4 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3),
+            GenConv(4 * c, 4 * c, 3, dilation=2), GenConv(4 * c, 4 * c, 3, dilation=4),
+            GenConv(4 * c, 4 * c, 3, dilation=8), GenConv(4 * c, 4 * c, 3, dilation=16),
+            GenConv(4 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3),
+            GenDeconv(4 * c, 2 * c), GenConv(2 * c, 2 * c, 3),
+            GenDeconv(2 * c, c), GenConv(c, c // 2, 3), GenConv(c // 2, 3, 3, activation="none"),
+        )
+        # Stage 2, dilated-convolution branch.
+        self.refine_conv = nn.Sequential(
+            GenConv(5, c, 5), GenConv(c, c, 3, 2), GenConv(c, 2 * c, 3),
+            GenConv(2 * c, 2 * c, 3, 2), GenConv(2 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3),
+            GenConv(4 * c, 4 * c, 3, dilation=2), GenConv(4 * c, 4 * c, 3, dilation=4),
+            GenConv(4 * c, 4 * c, 3, dilation=8), GenConv(4 * c, 4 * c, 3, dilation=16),
+        )
+        # Stage 2, attention branch (ReLU before the attention, as in the TF release).
+        self.refine_attn_in = nn.Sequential(
+            GenConv(5, c, 5), GenConv(c, c, 3, 2), GenConv(c, 2 * c, 3),
+            GenConv(2 * c, 4 * c, 3, 2), GenConv(4 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3, activation="relu"),
+        )
+        self.attention = ContextualAttention(ksize=3, stride=1, rate=2, fuse_k=3, softmax_scale=10.0, fuse=True)
+        self.refine_attn_out = nn.Sequential(GenConv(4 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3))
+        # Stage 2 decoder on the concatenated branches.
+        self.refine_dec = nn.Sequential(
+            GenConv(8 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3),
+            GenDeconv(4 * c, 2 * c), GenConv(2 * c, 2 * c, 3),
+            GenDeconv(2 * c, c), GenConv(c, c // 2, 3), GenConv(c // 2, 3, 3, activation="none"),
+        )
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor):
+        """image (B,3,H,W) in [-1,1]; mask (B,1,H,W) float {0,1}, 1 = hole; H, W multiples of 8.
+
+        Returns coarse (B,3,H,W) and refined (B,3,H,W), both in [-1,1] (hole and known pixels: the caller
+        composites), and offsets (B,2,H/8,W/8) int64 from the attention (for flow_to_image).
+        """
+        B, _, H, W = image.shape
+        if H % 8 or W % 8:
+            raise ValueError(f"InpaintGenerator needs H and W multiples of 8, got {H}x{W} (use models.inpaint)")
+        if mask.shape != (B, 1, H, W):
+            raise ValueError(f"mask must be (B,1,H,W) = {(B, 1, H, W)}, got {tuple(mask.shape)}")
+        mask = mask.to(image.dtype)
+        ones = torch.ones_like(mask)
+        known = image * (1 - mask)
+        coarse = self.coarse(torch.cat([known, ones, mask], 1)).clamp(-1, 1)  # (B, 3, H, W)
+
+        xnow = coarse * mask + known
+        xin = torch.cat([xnow, ones, mask], 1)  # (B, 5, H, W)
+        del xnow
+        x_conv = self.refine_conv(xin)  # (B, 4c, H/4, W/4)
+        x_att = self.refine_attn_in(xin)  # (B, 4c, H/4, W/4)
+        del xin
+        # Hole mask at feature resolution: a cell is a hole if any of its 4x4 pixels is.
+        mask_s = F.max_pool2d(mask, 4)  # (B, 1, H/4, W/4)
+        x_att, offsets = self.attention(x_att, x_att, mask_s)
+        x_att = self.refine_attn_out(x_att)
+        refined = self.refine_dec(torch.cat([x_conv, x_att], 1)).clamp(-1, 1)  # (B, 3, H, W)
+        return coarse, refined, offsets

@@ -1,0 +1,71 @@
+"""The one inference path: any-size images through the generator, composited with the known pixels."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def to_model_range(x) -> torch.Tensor:
+    """uint8 (N,H,W,C) tensor or ndarray in [0,255] -> float32 tensor (N,C,H,W) in [-1,1]."""
+    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else torch.as_tensor(x)
+    if t.dim() != 4:
+        raise ValueError(f"expected (N,H,W,C), got shape {tuple(t.shape)}")
+    return t.permute(0, 3, 1, 2).to(torch.float32).div(127.5).sub(1.0).contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float (N,C,H,W) in [-1,1] -> uint8 tensor (N,H,W,C) (rounded, clamped to [0,255])."""
+    if x.dim() != 4:
+        raise ValueError(f"expected (N,C,H,W), got shape {tuple(x.shape)}")
+    y = ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous()
+
+
+def _pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
+    H, W = x.shape[-2:]
+    ph, pw = (-H) % m, (-W) % m
+    if ph == 0 and pw == 0:
+        return x
+    mode = "reflect" if ph < H and pw < W else "replicate"  # reflect needs pad < size
+    return F.pad(x, (0, pw, 0, ph), mode=mode)
+
+
+def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offsets: bool = False,
+            max_score_bytes: int | None = None):
+    """Fill the holes of `image`.
+
+    image (B,3,H,W) float in [-1,1] (any H, W); mask (B,1,H,W), 1 = hole (values > 0.5 count as hole).
+    Pads (reflect) to a multiple of 8, runs the generator under torch.inference_mode in eval mode on the
+    generator's device, crops back. Returns the composite (B,3,H,W) on image's device and dtype: the refined
+    output in the holes, the input elsewhere (bit-identical, torch.where). With return_offsets=True also the
+    attention offsets (B,2,ceil(H/8),ceil(W/8)) int64 (of the padded image).
+    max_score_bytes overrides generator.attention.max_score_bytes for this call (memory for large images).
+    """
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be (B,3,H,W), got {tuple(image.shape)}")
+    B, _, H, W = image.shape
+    if mask.shape != (B, 1, H, W):
+        raise ValueError(f"mask must be (B,1,H,W) = {(B, 1, H, W)}, got {tuple(mask.shape)}")
+    if not image.is_floating_point():
+        raise ValueError(f"image must be float in [-1,1], got {image.dtype} (see models.to_model_range)")
+    param = next(generator.parameters())
+    attention = generator.attention
+    saved_budget, was_training = attention.max_score_bytes, generator.training
+    if max_score_bytes is not None:
+        attention.max_score_bytes = int(max_score_bytes)
+    generator.eval()
+    try:
+        with torch.inference_mode():
+            hole = mask > 0.5  # (B, 1, H, W) bool
+            x = _pad_to_multiple(image.to(param.device, param.dtype), 8)
+            m = _pad_to_multiple(hole.to(param.device, param.dtype), 8)
+            _, refined, offsets = generator(x, m)
+            del x, m
+            refined = refined[:, :, :H, :W].to(image.device, image.dtype)
+            out = torch.where(hole, refined, image)
+    finally:
+        attention.max_score_bytes = saved_budget
+        generator.train(was_training)
+    return (out, offsets) if return_offsets else out
