@@ -1,0 +1,175 @@
+"""ContextualAttention against a direct per-sample implementation of the reference definition."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import ContextualAttention, flow_to_image
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: far faster than two on the shared, oversubscribed 2-core test machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def naive_attention(f, b, mask, ksize=3, rate=2, fuse_k=3, scale=10.0, fuse=True):
+    """Per-sample loop in the references' structure: unfold patches, conv scores, 3x3 identity-kernel fuse
+    convolutions over the (L_fg x L_bg) map, masked softmax, conv_transpose paste-back / exact overlap count."""
+    B, C, H, W = f.shape
+    r, k, p = rate, ksize, ksize // 2
+    h, w, hb, wb = H // r, W // r, b.shape[2] // r, b.shape[3] // r
+    L, Lb = h * w, hb * wb
+    ys, offs = [], []
+    for i in range(B):
+        fi, bi, mi = f[i:i + 1], b[i:i + 1], mask[i:i + 1]
+        bpad = F.pad(bi, (r // 2, r - r // 2, r // 2, r - r // 2))
+        raw = F.unfold(bpad, 2 * r, stride=r).view(C, 2 * r, 2 * r, Lb).permute(3, 0, 1, 2)  # (Lb, C, 2r, 2r)
+        fd, bd = fi[:, :, ::r, ::r], bi[:, :, ::r, ::r]
+        wp = F.unfold(bd, k, padding=p).view(C, k, k, Lb).permute(3, 0, 1, 2)  # (Lb, C, k, k)
+        wn = wp / wp.flatten(1).norm(dim=1).clamp_min(1e-4)[:, None, None, None]
+        s = F.conv2d(fd, wn, padding=p).view(Lb, L).t()  # (L, Lb)
+        if fuse:
+            eye = torch.eye(fuse_k, dtype=f.dtype).view(1, 1, fuse_k, fuse_k)
+            s = F.conv2d(s.view(1, 1, L, Lb), eye, padding=fuse_k // 2)
+            s = s.view(1, h, w, hb, wb).permute(0, 2, 1, 4, 3).reshape(1, 1, L, Lb)
+            s = F.conv2d(s, eye, padding=fuse_k // 2)
+            s = s.view(1, w, h, wb, hb).permute(0, 2, 1, 4, 3).reshape(L, Lb)
+        md = F.max_pool2d(mi, r)
+        valid = (F.max_pool2d(md, k, stride=1, padding=p) < 0.5).view(Lb)
+        logits = (s * scale).masked_fill(~valid, float("-inf"))
+        attn = torch.softmax(logits, dim=1)  # (L, Lb)
+        best = logits.argmax(1)
+        fy, fx = torch.arange(L) // w, torch.arange(L) % w
+        offs.append(torch.stack([best // wb - fy, best % wb - fx]).view(1, 2, h, w))
+        y = F.conv_transpose2d(attn.t().reshape(1, Lb, h, w), raw, stride=r)
+        cnt = F.conv_transpose2d(torch.ones(1, 1, h, w, dtype=f.dtype), torch.ones(1, 1, 2 * r, 2 * r, dtype=f.dtype), stride=r)
+        y = (y / cnt)[:, :, r // 2:r // 2 + H, r // 2:r // 2 + W]
+        ys.append(y)
+    return torch.cat(ys), torch.cat(offs)
+
+
+def _inputs(B=3, C=6, H=16, W=20, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    b = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    mask = torch.zeros(B, 1, H, W, dtype=dtype)
+    mask[0, :, 2:9, 3:11] = 1
+    mask[1, :, 8:16, 0:6] = 1
+    mask[1, :, 1:4, 14:19] = 1  # two holes
+    # sample 2: no hole
+    return f, b, mask
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_matches_reference_definition(fuse):
+    f, b, mask = _inputs()
+    att = ContextualAttention(fuse=fuse)
+    y, off = att(f, b, mask)
+    y_ref, off_ref = naive_attention(f, b, mask, fuse=fuse)
+    assert y.shape == f.shape and off.shape == (3, 2, 8, 10) and off.dtype == torch.int64
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    assert torch.equal(off, off_ref)
+
+
+def test_self_attention_different_sizes():
+    f, b, mask = _inputs(B=2, H=20, W=12)
+    y, off = ContextualAttention()(f, f, mask)
+    y_ref, off_ref = naive_attention(f, f, mask)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
+    assert torch.equal(off, off_ref)
+
+
+def test_batched_equals_per_sample():
+    f, b, mask = _inputs()
+    att = ContextualAttention()
+    y, off = att(f, b, mask)
+    for i in range(f.shape[0]):
+        yi, oi = att(f[i:i + 1], b[i:i + 1], mask[i:i + 1])
+        torch.testing.assert_close(y[i:i + 1], yi, rtol=1e-12, atol=1e-12)
+        assert torch.equal(off[i:i + 1], oi)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_chunked_equals_unchunked(fuse):
+    f, b, mask = _inputs(H=20, W=16)
+    att = ContextualAttention(fuse=fuse)
+    f.requires_grad_(True)
+    y, off = att(f, b, mask)
+    (gf,) = torch.autograd.grad(y.square().sum(), f)
+    h, w, Lb = 10, 8, 80
+    for rows in (1, 2, 3, 7):
+        att.max_score_bytes = 3 * w * Lb * 4 * rows  # exactly `rows` foreground rows per chunk
+        yc, oc = att(f, b, mask)
+        (gfc,) = torch.autograd.grad(yc.square().sum(), f)
+        torch.testing.assert_close(yc, y, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gfc, gf, rtol=1e-10, atol=1e-10)
+        assert torch.equal(oc, off)
+
+
+def test_invalid_patches_get_zero_attention():
+    f, b, mask = _inputs(dtype=torch.float32)
+    att = ContextualAttention()
+    a = att.attention(f, b, mask)  # (B, L, Lb)
+    md = F.max_pool2d(mask, 2)
+    valid = (F.max_pool2d(md, 3, stride=1, padding=1) < 0.5).view(3, 1, -1).expand_as(a)
+    assert (~valid).any() and valid.any()
+    assert torch.all(a[~valid] == 0)  # exactly zero
+    torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:2]))
+    # without propagation, changing b inside the holes (only invalid patches see those pixels) leaves y unchanged
+    att = ContextualAttention(fuse=False)
+    b2 = b + 100.0 * mask
+    y1, o1 = att(f, b, mask)
+    y2, o2 = att(f, b2, mask)
+    assert torch.equal(o1, o2)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-5)
+
+
+def test_all_invalid_sample_is_finite_and_zero():
+    f, b, mask = _inputs(dtype=torch.float32)
+    mask[2] = 1  # sample 2: every background patch invalid
+    f.requires_grad_(True)
+    y, off = ContextualAttention()(f, b, mask)
+    assert torch.isfinite(y).all() and torch.all(y[2] == 0) and torch.all(off[2] == 0)
+    y.sum().backward()
+    assert torch.isfinite(f.grad).all()
+
+
+def test_picks_exactly_matching_patch_and_offset_points_there():
+    # Features on the 8x8 matching grid, upsampled x2 so nearest downsampling recovers them exactly.
+    g = torch.Generator().manual_seed(1)
+    low = torch.randn(1, 16, 8, 8, generator=g)
+    dy, dx = 4, 3
+    low[:, :, 5:8, 4:8] = low[:, :, 5 - dy:8 - dy, 4 - dx:8 - dx]  # the hole content exists in the background
+    feat = low.repeat_interleave(2, 2).repeat_interleave(2, 3)  # (1, 16, 16, 16)
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[:, :, 10:16, 8:16] = 1  # the copied region is the hole
+    y, off = ContextualAttention()(feat, feat, mask)
+    # an interior hole position (6, 6) on the matching grid: its patch matches the source exactly
+    assert off[0, :, 6, 6].tolist() == [-dy, -dx]
+    src = feat[:, :, 2 * (6 - dy):2 * (6 - dy) + 2, 2 * (6 - dx):2 * (6 - dx) + 2]
+    torch.testing.assert_close(y[:, :, 12:14, 12:14], src, atol=1e-3, rtol=1e-3)
+
+
+def test_bf16_autocast_cpu():
+    f, b, mask = _inputs(dtype=torch.float32)
+    att = ContextualAttention()
+    att.max_score_bytes = 3 * 10 * 80 * 4  # chunked path too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, off = att(f, b, mask)
+    assert y.shape == f.shape and torch.isfinite(y.float()).all()
+
+
+def test_flow_to_image():
+    off = torch.zeros(2, 2, 4, 5, dtype=torch.int64)
+    off[0, 1, 0, 0] = 3  # pointing right
+    off[0, 0, 1, 1] = -3  # pointing up
+    img = flow_to_image(off)
+    assert img.dtype == np.uint8 and img.shape == (2, 4, 5, 3)
+    assert (img[1] == 255).all()  # zero offsets are white
+    assert img[0, 2, 2].tolist() == [255, 255, 255]
+    assert not np.array_equal(img[0, 0, 0], img[0, 1, 1])  # direction changes the hue
