@@ -1,0 +1,234 @@
+"""Training and validation data from prepared shards.
+
+``build_train_dataset`` streams ``<shards>/train/*.parquet`` through Ray Data: block order randomised per
+epoch, then decode + augment + mask + loss weights in CPU tasks (``map_batches``), one pipeline per epoch
+tagged with its epoch number and unioned, so masks and crops differ between epochs and repeat exactly for
+the same ``masks.seed``. Rows that fail to decode are skipped, counted and logged, never fatal (a per-row
+try/except: Ray's ``max_errored_blocks`` would drop whole blocks). Training workers consume it with::
+
+    ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=B, local_shuffle_buffer_size=data.shuffle_buffer, drop_last=True)
+
+and get ``image`` (B, H, W, 3) uint8, ``mask`` (B, H, W, 1) uint8 (1 = hole), ``weight`` (B, H, W, 1) float32
+(gamma ** distance to the nearest known pixel in holes, 1 on known pixels), H = W = data.crop_size.
+
+``load_val_set`` reads the val split directly with pyarrow (no Ray): the first ``count`` decodable images
+in key order, centre-cropped, with fixed masks (epoch ``VAL_EPOCH``), identical on every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+from pipeline import storage
+from pipeline.augment import Augmenter, augment_seed, center_crop
+from pipeline.config import DataConfig, MaskConfig
+from pipeline.images import ImageRejected, decode_image
+from pipeline.masks import generate_mask, loss_weights, mask_rng, stable_seed
+
+log = logging.getLogger(__name__)
+
+VAL_EPOCH = -1  # the "epoch" the fixed validation masks are drawn for
+SKIP_COUNTER = "deepfill_pipeline_skipped_rows"  # named Ray actor recording skipped rows
+SKIP_KEYS_KEPT = 1000
+
+
+# ------------------------------------------------------------------------------------- skipped-row counter
+
+def _skip_counter_cls():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SkipCounter:
+        """Counts rows the training pipeline skipped, keeping the first keys and reasons."""
+
+        def __init__(self):
+            self.count = 0
+            self.rows: list[dict] = []
+
+        def add(self, rows: list[dict]) -> None:
+            self.count += len(rows)
+            room = SKIP_KEYS_KEPT - len(self.rows)
+            if room > 0:
+                self.rows.extend(rows[:room])
+
+        def get(self) -> dict:
+            return {"count": self.count, "rows": list(self.rows)}
+
+    return SkipCounter
+
+
+def _record_skips(rows: list[dict]) -> None:
+    """Report skipped rows to the named counter actor (created on first use) and to the log."""
+    import ray
+
+    for r in rows:
+        log.warning("skipped training row %s: %s", r["key"], r["reason"])
+    try:
+        counter = _skip_counter_cls().options(name=SKIP_COUNTER, get_if_exists=True, lifetime="detached",
+                                              namespace="deepfill").remote()
+        counter.add.remote(rows)
+    except Exception as err:  # noqa: BLE001 - reporting must never fail training
+        log.warning("could not record skipped rows: %s", err)
+
+
+def skipped_rows() -> dict:
+    """``{"count": int, "rows": [{"key", "reason"}, ...]}``: rows the training pipeline skipped so far in
+    this Ray cluster (all datasets, all epochs; a row skipped in two epochs counts twice)."""
+    import ray
+
+    try:
+        counter = ray.get_actor(SKIP_COUNTER, namespace="deepfill")
+    except ValueError:
+        return {"count": 0, "rows": []}
+    return ray.get(counter.get.remote())
+
+
+def reset_skipped_rows() -> None:
+    """Forget the skipped rows recorded so far (kills the counter actor)."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(SKIP_COUNTER, namespace="deepfill"))
+    except ValueError:
+        pass
+
+
+# ------------------------------------------------------------------------------------- the per-batch work
+
+@functools.lru_cache(maxsize=8)
+def _augmenter(crop_size: int, flip: bool, color_jitter: float) -> Augmenter:
+    return Augmenter(crop_size, flip=flip, color_jitter=color_jitter)
+
+
+def make_sample(data_bytes: bytes, key: str, epoch: int, data: DataConfig, masks: MaskConfig):
+    """One training sample: (image (S, S, 3) uint8, mask (S, S) uint8 1 = hole, weight (S, S) float32).
+
+    Deterministic in (masks.seed, epoch, key). Raises ImageRejected for undecodable bytes.
+    """
+    image = decode_image(data_bytes, max_pixels=data.max_pixels)
+    aug = _augmenter(data.crop_size, data.flip, data.color_jitter)
+    crop = aug(image, augment_seed(masks.seed, epoch, key))
+    s = data.crop_size
+    mask = generate_mask(masks.kind, s, s, mask_rng(masks.seed, epoch, key), max_hole_fraction=masks.max_hole_fraction)
+    return crop, mask, loss_weights(mask, masks.gamma)
+
+
+def transform_batch(batch: dict, *, epoch: int, data: DataConfig, masks: MaskConfig,
+                    with_keys: bool = False) -> dict:
+    """Ray Data UDF: {"key": (N,) str, "image": (N,) bytes} -> {"image" (M,S,S,3) uint8, "mask" (M,S,S,1)
+    uint8, "weight" (M,S,S,1) float32} (+ "key", "epoch" with ``with_keys``), M <= N (undecodable rows are
+    skipped and recorded)."""
+    s = data.crop_size
+    keys, images, mask_list, weights, skipped = [], [], [], [], []
+    for key, blob in zip(batch["key"], batch["image"]):
+        key = str(key)
+        try:
+            img, m, w = make_sample(bytes(blob), key, epoch, data, masks)
+        except ImageRejected as err:
+            skipped.append({"key": key, "reason": err.reason})
+            continue
+        except Exception as err:  # noqa: BLE001 - one bad row must never stop training
+            skipped.append({"key": key, "reason": f"error: {type(err).__name__}"})
+            continue
+        keys.append(key)
+        images.append(img)
+        mask_list.append(m)
+        weights.append(w)
+    if skipped:
+        _record_skips(skipped)
+    if not images:
+        out = {"image": np.zeros((0, s, s, 3), np.uint8), "mask": np.zeros((0, s, s, 1), np.uint8),
+               "weight": np.zeros((0, s, s, 1), np.float32)}
+    else:
+        out = {
+            "image": np.stack(images),  # (M, S, S, 3) uint8
+            "mask": np.stack(mask_list)[..., None],  # (M, S, S, 1) uint8, 1 = hole
+            "weight": np.stack(weights)[..., None],  # (M, S, S, 1) float32
+        }
+    if with_keys:
+        out["key"] = np.asarray(keys, dtype=object)
+        out["epoch"] = np.full(len(keys), epoch, np.int64)
+    return out
+
+
+# ------------------------------------------------------------------------------------- datasets
+
+def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1, with_keys: bool = False):
+    """A Ray Dataset of training samples for ``epochs`` passes over ``<data.shards>/train``.
+
+    Columns: image (S, S, 3) uint8, mask (S, S, 1) uint8 (1 = hole), weight (S, S, 1) float32, with
+    S = data.crop_size; with ``with_keys`` also key (str) and epoch (int64), for inspection (not for
+    iter_torch_batches, which cannot batch strings). Each epoch reads the shards in its own (seeded) block
+    order and draws its own crops and masks from (masks.seed, epoch, key); the epochs are unioned.
+    """
+    import ray
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not data.shards:
+        raise ValueError("data.shards is empty: give the URI of a `deepfill prepare` output")
+    fs, path = storage.pyarrow_filesystem(storage.join(data.shards, "train"), data.storage)
+    parts = []
+    for epoch in range(epochs):
+        ds = ray.data.read_parquet(path, filesystem=fs, columns=["key", "image"])
+        ds = ds.randomize_block_order(seed=stable_seed("blocks", masks.seed, epoch) % (2**31))
+        ds = ds.map_batches(
+            transform_batch,
+            fn_kwargs={"epoch": epoch, "data": data, "masks": masks, "with_keys": with_keys},
+            batch_size=data.batch_rows,
+            batch_format="numpy",
+            zero_copy_batch=True,
+        )
+        parts.append(ds)
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def load_val_set(data: DataConfig, masks: MaskConfig, count: int) -> dict[str, np.ndarray]:
+    """The fixed validation set: the first ``count`` decodable images of ``<data.shards>/val`` in key order.
+
+    Returns {"key": (N,) str, "image": (N, S, S, 3) uint8 centre crops, "mask": (N, S, S, 1) uint8 (1 = hole),
+    "weight": (N, S, S, 1) float32}, N <= count, identical on every call (masks drawn for epoch VAL_EPOCH).
+    """
+    import pyarrow.parquet as pq
+
+    s = data.crop_size
+    keys, images, mask_list, weights = [], [], [], []
+    if count > 0:
+        fs, root = storage.pyarrow_filesystem(storage.join(data.shards, "val"), data.storage)
+        names = storage.list_files(storage.join(data.shards, "val"), (".parquet",), data.storage)
+        for name in names:
+            table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=["key", "image"])
+            order = np.argsort(np.asarray(table.column("key").to_pylist(), dtype=object), kind="stable")
+            col_key, col_img = table.column("key"), table.column("image")
+            for i in order:
+                key = col_key[int(i)].as_py()
+                try:
+                    img = center_crop(decode_image(col_img[int(i)].as_py(), max_pixels=data.max_pixels), s)
+                except ImageRejected as err:
+                    log.warning("skipped val row %s: %s", key, err.reason)
+                    continue
+                m = generate_mask(masks.kind, s, s, mask_rng(masks.seed, VAL_EPOCH, key),
+                                  max_hole_fraction=masks.max_hole_fraction)
+                keys.append(key)
+                images.append(img)
+                mask_list.append(m)
+                weights.append(loss_weights(m, masks.gamma))
+                if len(keys) >= count:
+                    break
+            if len(keys) >= count:
+                break
+    if count > 0 and len(keys) < count:
+        log.warning("val set has %d images, %d asked for", len(keys), count)
+    if not keys:
+        return {"key": np.zeros((0,), dtype=object), "image": np.zeros((0, s, s, 3), np.uint8),
+                "mask": np.zeros((0, s, s, 1), np.uint8), "weight": np.zeros((0, s, s, 1), np.float32)}
+    return {
+        "key": np.asarray(keys, dtype=object),
+        "image": np.stack(images),  # (N, S, S, 3) uint8
+        "mask": np.stack(mask_list)[..., None],  # (N, S, S, 1) uint8, 1 = hole
+        "weight": np.stack(weights)[..., None],  # (N, S, S, 1) float32
+    }
