@@ -1,0 +1,153 @@
+"""Fast tests of the training job's pieces: checkpoint files, RNG state, picture grid, MLflow tracking."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from jobs import train as T
+from jobs.config import from_dict, load_config, to_dict
+from jobs.tracking import Tracker, picture_grid, resolve_tracking_uri
+from tests.conftest import S3_TEST_SECRET
+
+
+def _tiny_cfg(**over):
+    sets = ["model.cnum=4", "model.critic_cnum=4", "data.crop_size=32"] + [f"{k}={v}" for k, v in over.items()]
+    return load_config(T.TrainConfig, None, sets)
+
+
+def test_train_state_round_trips_and_loads_weights_only(tmp_path):
+    cfg = _tiny_cfg()
+    gen, local, glob = T.build_networks(cfg)
+    opt_g, opt_d = T.build_optimizers(cfg, gen, local, glob)
+    # one real update so the optimisers have state (exp_avg, step) to save
+    gen(torch.zeros(1, 3, 32, 32), torch.ones(1, 1, 32, 32))[1].sum().backward()
+    opt_g.step()
+    torch.manual_seed(123)
+    rng = [T.rng_state(), T.rng_state()]
+    expected_draw = torch.rand(3)
+    T.save_train_state(tmp_path, generator=gen, local_critic=local, global_critic=glob, opt_g=opt_g, opt_d=opt_d,
+                       step=7, rng=rng, config=to_dict(cfg), mlflow_run_id="abc123")
+
+    raw = torch.load(tmp_path / T.TRAIN_STATE_FILENAME, weights_only=True)  # no code runs on load
+    assert raw["step"] == 7 and raw["mlflow_run_id"] == "abc123"
+    assert from_dict(T.TrainConfig, raw["config"]) == cfg
+    state = T.load_train_state(tmp_path)
+    gen2, local2, glob2 = T.build_networks(_tiny_cfg(seed=5))
+    gen2.load_state_dict(state["generator"])
+    local2.load_state_dict(state["local_critic"])
+    glob2.load_state_dict(state["global_critic"])
+    for a, b in zip(gen.state_dict().values(), gen2.state_dict().values()):
+        assert torch.equal(a, b)
+    opt_g2, _ = T.build_optimizers(cfg, gen2, local2, glob2)
+    opt_g2.load_state_dict(state["opt_generator"])
+    assert int(opt_g2.state_dict()["state"][0]["step"]) == 1
+
+    T.set_rng_state(state["rng"][1])
+    assert torch.equal(torch.rand(3), expected_draw)
+
+    # the standalone generator file next to it is what inference loads
+    loaded, meta = models.checkpoint.load_generator(str(tmp_path / T.GENERATOR_FILENAME))
+    assert meta["step"] == 7
+    assert all(torch.equal(a, b) for a, b in zip(gen.state_dict().values(), loaded.state_dict().values()))
+    assert (tmp_path / T.CONFIG_FILENAME).read_text().startswith("name:")
+
+
+def test_rng_state_restores_torch_python_and_numpy():
+    state = T.rng_state()
+    draws = (torch.rand(2), random.random(), np.random.rand())
+    T.set_rng_state(state)
+    again = (torch.rand(2), random.random(), np.random.rand())
+    assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
+
+
+def test_to_model_batch_converts_pipeline_batches():
+    batch = {
+        "image": np.full((2, 16, 16, 3), 255, np.uint8),
+        "mask": np.zeros((2, 16, 16, 1), np.uint8),
+        "weight": np.ones((2, 16, 16, 1), np.float32),
+    }
+    batch["mask"][1, 4:8, 4:8] = 1
+    image, mask, weight = T.to_model_batch(batch, torch.device("cpu"))
+    assert image.shape == (2, 3, 16, 16) and torch.allclose(image, torch.ones_like(image))
+    assert mask.shape == (2, 1, 16, 16) and mask.dtype == torch.float32 and mask[1].sum() == 16
+    assert weight.shape == (2, 1, 16, 16)
+
+
+def test_picture_grid_layout():
+    n, h, w = 2, 16, 24
+    cols = [np.full((n, h, w, 3), v, np.uint8) for v in (10, 20, 30, 40)]
+    attention = np.full((n, h // 4, w // 4, 3), 50, np.uint8)  # offsets live on a coarser grid
+    grid = picture_grid(*cols, attention, gap=2)
+    assert grid.shape == (2 * h + 2, 5 * w + 8, 3) and grid.dtype == np.uint8
+    assert grid[0, 0, 0] == 10 and grid[0, 4 * (w + 2), 0] == 50 and grid[h + 2, 3 * (w + 2), 0] == 40
+    assert grid[h, 0, 0] == 255  # the gap between rows
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_tracking_uri(None, tmp_path) == "http://127.0.0.1:5000"
+    assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_tracker_resumes_one_run_and_never_logs_secrets(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_TEST_SECRET)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = T.flatten(_tiny_cfg())
+    params["data.shards"] = f"s3://key:{S3_TEST_SECRET}@bucket/shards"  # a URL carrying a secret
+    tracker = Tracker.start(uri, "exp", "job", params)
+    tracker.log_metrics({"g_loss": 1.5, "note": "text", "bad": float("nan")}, step=1)
+    tracker.finish()
+
+    params["steps"] = 99  # a resumed job may change a param: kept, the change recorded as a tag
+    again = Tracker.start(uri, "exp", "job", params, run_id=tracker.run_id)
+    again.log_metrics({"g_loss": 1.0}, step=2)
+    again.finish()
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("exp").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.params["gan.gp_weight"] == "10.0"
+    assert run.data.params["steps"] == str(_tiny_cfg().steps)
+    assert "steps" in run.data.tags["resume.changed_params"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "g_loss")] == [1, 2]
+    assert "note" not in run.data.metrics and "bad" not in run.data.metrics
+    everything = " ".join(list(run.data.params.values()) + list(run.data.tags.values()))
+    assert S3_TEST_SECRET not in everything
+
+
+def test_window_summary():
+    w = T.Window()
+    w.add({"g_loss": 1.0})
+    w.add({"g_loss": 3.0})
+    w.steps = 2
+    w.data_wait = 0.0
+    out = w.summary(images_per_step=8)
+    assert out["g_loss"] == 2.0 and out["images_per_s"] > 0 and out["data_wait_share"] == 0.0
+
+
+def test_the_loop_config_round_trips_through_the_worker_payload():
+    cfg = _tiny_cfg(steps=3)
+    assert from_dict(T.TrainConfig, to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("steps, n_critic, workers, batch, count, expected", [
+    (4, 1, 2, 2, 12, 3),  # 8 batches per worker, 3 full batches per worker per pass
+    (10, 5, 1, 16, 1000, 1),
+])
+def test_train_epochs_cover_the_steps(tmp_path, steps, n_critic, workers, batch, count, expected):
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"counts": {"train": count, "val": 1}}))
+    cfg = _tiny_cfg(steps=steps, **{"gan.n_critic": n_critic, "scaling.num_workers": workers,
+                                    "batch_size": batch, "data.shards": str(tmp_path)})
+    assert T.train_epochs(cfg) == expected
