@@ -6,6 +6,7 @@ Conventions: images (B,3,H,W) in [-1,1]; mask (B,1,H,W) float {0,1}, 1 = hole.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _nearest_known_1d(known: torch.Tensor, dim: int) -> torch.Tensor:
@@ -35,13 +36,26 @@ def squared_distance_to_known(mask: torch.Tensor) -> torch.Tensor:
     bound = torch.minimum(gv, gh)
     finite = bound[torch.isfinite(bound)]
     reach = int(finite.max().item()) if finite.numel() else 0
-    g2 = gv.square()
+    g2 = gv.square()  # (B, H, W)
     d2 = g2.clone()
+    hole_rows = (~known).any(0).any(1).nonzero()
+    if reach == 0 or hole_rows.numel() == 0:
+        return d2.unsqueeze(1)
+    # Only rows and columns that hold a hole pixel (in any sample) change; they look `reach` columns aside.
+    hole_cols = (~known).any(0).any(0).nonzero()
+    r0, r1 = int(hole_rows[0]), int(hole_rows[-1]) + 1
+    c0, c1 = int(hole_cols[0]), int(hole_cols[-1]) + 1
     W = g2.shape[-1]
-    for k in range(1, min(reach, W - 1) + 1):
+    reach = min(reach, W - 1)
+    lo, hi = max(0, c0 - reach), min(W, c1 + reach)
+    src = F.pad(g2[:, r0:r1, lo:hi], (reach - (c0 - lo), reach - (hi - c1)), value=float("inf"))
+    out = d2[:, r0:r1, c0:c1].contiguous()  # src column j + reach <-> out column j
+    n = c1 - c0
+    for k in range(1, reach + 1):
         kk = float(k * k)
-        torch.minimum(d2[..., :-k], g2[..., k:] + kk, out=d2[..., :-k])  # neighbour k to the right
-        torch.minimum(d2[..., k:], g2[..., :-k] + kk, out=d2[..., k:])  # neighbour k to the left
+        torch.minimum(out, src[:, :, reach + k:reach + k + n] + kk, out=out)  # neighbour k to the right
+        torch.minimum(out, src[:, :, reach - k:reach - k + n] + kk, out=out)  # neighbour k to the left
+    d2[:, r0:r1, c0:c1] = out
     return d2.unsqueeze(1)
 
 
