@@ -1,0 +1,395 @@
+"""``deepfill evaluate``: score a model against OpenCV Telea and Navier-Stokes on the same deterministic masks.
+
+    deepfill evaluate --images s3://bucket/heldout --model models:/deepfill@candidate --mask-preset thick_256 \\
+        --seed 0 --output s3://bucket/reports/thick_256 [--max-images 100] [--size 256]
+
+For each image (sorted keys, the first ``--max-images``):
+
+1. decode (``pipeline.images.decode_image``: EXIF orientation, RGB), then fit to ``size x size``: resize so the
+   short side is ``size`` (INTER_AREA when shrinking, INTER_CUBIC when enlarging), then centre crop. ``size``
+   defaults to the preset's size (``thin_256`` -> 256, ``thick_512`` -> 512) and to 256 for ``box``,
+   ``strokes``, ``mixed``, ``thin``, ``medium``, ``thick``.
+2. mask: ``pipeline.masks.generate_mask(preset, size, size, mask_rng(seed, 0, key))`` (1 = hole), the same
+   for every method and every run with the same seed.
+3. inpaint with the model through ``models.inpaint`` (via ``jobs.serving.inpaint_uint8``), and with
+   ``cv2.inpaint`` Telea and Navier-Stokes (inpaint radius 3 px) on the same masked image.
+4. metrics per image and method (``models.metrics``, all on [0, 1]): l1, l2 (whole image), l1_hole, l2_hole
+   (hole pixels only), psnr (whole image, dB), ssim (whole image), tv (of the output; the ground truth's TV is
+   reported too as a reference). The mean over images is the headline.
+
+Written under ``--output``: ``report.md`` (mean table + definitions), ``metrics.json`` (config, model, means,
+per-image values), ``metrics.csv`` (one row per image and method), ``grid.png`` (one row per image, at most
+``--grid-rows``: masked input | ours | Telea | ground truth | attention map of ``models.flow_to_image``).
+``--save-images`` also writes every method's output as ``images/<method>/<key>.png``.
+
+MLflow: one run in experiment ``--experiment`` (default "deepfill-evaluate") with the settings as params, the
+mean metrics as ``<method>/<metric>``, the report files as artifacts, and tags naming the model it judged
+(``deepfill.model_ref`` and, for ``models:/`` refs, ``deepfill.model_name``, ``deepfill.model_version``,
+``deepfill.model_run_id``). The judged model version gets the tag ``deepfill.eval.<preset>`` = the run id,
+so each side links to the other. ``--no-mlflow`` skips all of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ours", "telea", "navier_stokes")
+METRICS = ("l1", "l2", "l1_hole", "l2_hole", "psnr", "ssim", "tv")
+DEFAULT_SIZE = 256
+INPAINT_RADIUS = 3  # pixels; cv2.inpaint's neighbourhood for Telea and Navier-Stokes
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+@dataclass
+class EvaluateOptions:
+    """Everything ``deepfill evaluate`` needs; the CLI flags map one to one."""
+
+    images: str  # folder, file:// or s3:// prefix of held-out images
+    model: str  # any jobs.serving.load_generator ref
+    mask_preset: str  # pipeline.masks kind
+    output: str  # folder or s3:// prefix for the report
+    seed: int = 0
+    max_images: int | None = None  # the first N keys (sorted); None = all
+    size: int | None = None  # evaluation size; None = the preset's
+    batch_size: int = 4  # images per forward pass of the model
+    grid_rows: int = 8  # images shown in grid.png
+    save_images: bool = False  # also write every method's output image
+    mlflow: bool = True  # log to MLflow
+    experiment: str = "deepfill-evaluate"
+
+    def __post_init__(self):
+        from pipeline.masks import MASK_KINDS
+
+        if self.mask_preset not in MASK_KINDS:
+            raise ValueError(f"--mask-preset must be one of {', '.join(MASK_KINDS)}, got {self.mask_preset!r}")
+        if self.size is None:
+            self.size = preset_size(self.mask_preset)
+        if self.size < 16 or self.size % 8:
+            raise ValueError(f"--size must be a multiple of 8 and at least 16, got {self.size}")
+        if self.max_images is not None and self.max_images < 1:
+            raise ValueError(f"--max-images must be >= 1, got {self.max_images}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+def preset_size(preset: str) -> int:
+    """``thin_256`` -> 256, ``thick_512`` -> 512; kinds without a size -> DEFAULT_SIZE."""
+    m = re.search(r"_(\d+)$", preset)
+    return int(m.group(1)) if m else DEFAULT_SIZE
+
+
+def fit_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (size, size, 3): resize the short side to ``size``, then centre crop."""
+    import cv2
+
+    h, w = image.shape[:2]
+    scale = size / min(h, w)
+    if scale != 1.0:
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        image = cv2.resize(image, (nw, nh), interpolation=interp)
+        h, w = nh, nw
+    top, left = (h - size) // 2, (w - size) // 2
+    return np.ascontiguousarray(image[top : top + size, left : left + size])
+
+
+def classical_inpaint(image: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
+    """OpenCV baseline on uint8 (H, W, 3) RGB with mask (H, W) 1 = hole -> uint8 (H, W, 3) RGB."""
+    import cv2
+
+    flags = {"telea": cv2.INPAINT_TELEA, "navier_stokes": cv2.INPAINT_NS}
+    if method not in flags:
+        raise ValueError(f"unknown classical inpainting method {method}")
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    out = cv2.inpaint(bgr, (mask > 0).astype(np.uint8) * 255, INPAINT_RADIUS, flags[method])
+    return np.ascontiguousarray(out[..., ::-1])
+
+
+def score(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """All metrics of one uint8 (H, W, 3) prediction against the ground truth; mask (H, W) 1 = hole."""
+    from models import metrics
+
+    return {
+        "l1": metrics.l1(pred, truth),
+        "l2": metrics.l2(pred, truth),
+        "l1_hole": metrics.l1(pred, truth, mask),
+        "l2_hole": metrics.l2(pred, truth, mask),
+        "psnr": metrics.psnr(pred, truth),
+        "ssim": metrics.ssim(pred, truth),
+        "tv": metrics.tv(pred),
+    }
+
+
+def _attention_image(offsets, size: int) -> np.ndarray:
+    """Attention offsets (B, 2, h, w) -> uint8 (B, size, size, 3) colour pictures (nearest upsampling)."""
+    import cv2
+
+    import models
+
+    pictures = models.flow_to_image(offsets)  # (B, h, w, 3) uint8
+    pictures = np.asarray(pictures.cpu().numpy() if hasattr(pictures, "cpu") else pictures)
+    return np.stack([cv2.resize(p, (size, size), interpolation=cv2.INTER_NEAREST) for p in pictures])
+
+
+def _png(image: np.ndarray) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def masked_input(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The image with its hole painted white, as the model sees it."""
+    out = image.copy()
+    out[mask > 0] = 255
+    return out
+
+
+def make_grid(rows: list[list[np.ndarray]], pad: int = 4) -> np.ndarray:
+    """Rows of equal-size uint8 (S, S, 3) tiles -> one uint8 picture with white gutters."""
+    s = rows[0][0].shape[0]
+    cols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (s + pad) + pad, cols * (s + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            y, x = pad + i * (s + pad), pad + j * (s + pad)
+            grid[y : y + s, x : x + s] = tile
+    return grid
+
+
+def _fmt(metric: str, value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    if metric in ("l1", "l2", "l1_hole", "l2_hole", "tv"):
+        return f"{100 * value:.2f}%"
+    if metric == "psnr":
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def report_markdown(opts: EvaluateOptions, model_info: dict, means: dict, truth_tv: float, count: int,
+                    skipped: dict[str, str]) -> str:
+    from pipeline.storage import redact
+
+    header = "| method | " + " | ".join(METRICS) + " |"
+    lines = [
+        f"# Inpainting evaluation: {opts.mask_preset} masks, seed {opts.seed}",
+        "",
+        f"Model: `{redact(opts.model)}`"
+        + (f" (registered {model_info['model_name']} version {model_info['model_version']})"
+           if "model_version" in model_info else ""),
+        f"Images: {count} evaluated at {opts.size}x{opts.size} (short side resized, centre crop)"
+        + (f", {len(skipped)} skipped (undecodable)" if skipped else "") + ".",
+        "",
+        header,
+        "|" + "---|" * (len(METRICS) + 1),
+    ]
+    for method in METHODS:
+        lines.append(f"| {method} | " + " | ".join(_fmt(m, means[method][m]) for m in METRICS) + " |")
+    lines += [
+        "",
+        f"Ground truth TV: {_fmt('tv', truth_tv)}.",
+        "",
+        "Definitions (images on [0, 1], means over pixels and channels, then over images): l1 = mean |x - y|; "
+        "l2 = mean (x - y)^2; *_hole = the same over hole pixels only; psnr = 10 log10(1 / l2) in dB; "
+        "ssim = Gaussian-window SSIM (Wang et al. 2004, sigma 1.5, K1 0.01, K2 0.03), mean over channels; "
+        "tv = mean |horizontal neighbour difference| + mean |vertical neighbour difference| of the output. "
+        "Telea and Navier-Stokes are OpenCV's cv2.inpaint with radius "
+        f"{INPAINT_RADIUS}. Pixel metrics barely separate methods; look at grid.png too.",
+        "",
+        "![grid](grid.png)",
+        "",
+        "Grid columns: masked input | ours | Telea | ground truth | attention map.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate(opts: EvaluateOptions) -> dict:
+    """Run the evaluation; writes the report under opts.output and returns the metrics.json content."""
+    from jobs import serving
+    from pipeline import storage
+    from pipeline.images import ImageRejected, decode_image
+    from pipeline.masks import generate_mask, mask_rng
+
+    size = int(opts.size)
+    keys = storage.list_files(opts.images, IMAGE_SUFFIXES)
+    if opts.max_images is not None:
+        keys = keys[: opts.max_images]
+    if not keys:
+        raise ValueError(f"no images under {storage.redact(opts.images)}")
+    generator, model_info = serving.load_generator(opts.model)
+
+    truths, masks, used, skipped = [], [], [], {}
+    for key in keys:
+        try:
+            image = decode_image(storage.read_bytes(storage.join(opts.images, key)))
+        except ImageRejected as err:
+            skipped[key] = err.reason
+            log.warning("skipped %s: %s", key, err.reason)
+            continue
+        truths.append(fit_square(image, size))
+        masks.append(generate_mask(opts.mask_preset, size, size, mask_rng(opts.seed, 0, key)))
+        used.append(key)
+    if not used:
+        raise ValueError("no decodable images to evaluate")
+    truths_arr, masks_arr = np.stack(truths), np.stack(masks)  # (N, S, S, 3), (N, S, S)
+
+    outputs = {m: [] for m in METHODS}
+    attention = []
+    for start in range(0, len(used), opts.batch_size):
+        sl = slice(start, start + opts.batch_size)
+        filled, offsets = serving.inpaint_uint8(generator, truths_arr[sl], masks_arr[sl][..., None],
+                                                return_offsets=True)
+        outputs["ours"].extend(filled)
+        attention.extend(_attention_image(offsets, size))
+    for method in ("telea", "navier_stokes"):
+        outputs[method] = [classical_inpaint(t, m, method) for t, m in zip(truths_arr, masks_arr)]
+
+    from models import metrics
+
+    per_image = []
+    for i, key in enumerate(used):
+        entry = {"key": key, "hole_fraction": float(masks_arr[i].mean()), "truth_tv": metrics.tv(truths_arr[i])}
+        for method in METHODS:
+            entry[method] = score(outputs[method][i], truths_arr[i], masks_arr[i])
+        per_image.append(entry)
+    means = {method: {m: float(np.mean([e[method][m] for e in per_image])) for m in METRICS} for method in METHODS}
+    truth_tv = float(np.mean([e["truth_tv"] for e in per_image]))
+
+    result = {
+        "config": {"images": storage.redact(opts.images), "model": storage.redact(opts.model),
+                   "mask_preset": opts.mask_preset, "seed": opts.seed, "size": size,
+                   "max_images": opts.max_images, "inpaint_radius": INPAINT_RADIUS},
+        "model": {k: v for k, v in model_info.items() if k != "ref"},
+        "count": len(used),
+        "skipped": skipped,
+        "mean": means,
+        "truth_tv": truth_tv,
+        "per_image": per_image,
+    }
+
+    files: dict[str, bytes] = {
+        "metrics.json": json.dumps(result, indent=2).encode(),
+        "metrics.csv": _csv(per_image),
+        "report.md": report_markdown(opts, model_info, means, truth_tv, len(used), skipped).encode(),
+    }
+    grid_rows = []
+    for i in range(min(opts.grid_rows, len(used))):
+        grid_rows.append([masked_input(truths_arr[i], masks_arr[i]), outputs["ours"][i], outputs["telea"][i],
+                          truths_arr[i], attention[i]])
+    files["grid.png"] = _png(make_grid(grid_rows))
+    if opts.save_images:
+        for method in (*METHODS, "truth"):
+            images = truths_arr if method == "truth" else outputs[method]
+            for key, img in zip(used, images):
+                files[f"images/{method}/{key.rsplit('.', 1)[0]}.png"] = _png(img)
+    for name, data in files.items():
+        storage.write_bytes_atomic(storage.join(opts.output, name), data)
+    log.info("evaluated %d images: ours psnr %.2f dB, telea %.2f dB, navier_stokes %.2f dB", len(used),
+             means["ours"]["psnr"], means["telea"]["psnr"], means["navier_stokes"]["psnr"])
+    if opts.mlflow:
+        result["mlflow_run_id"] = _log_to_mlflow(opts, model_info, means, truth_tv, len(used),
+                                                 {k: v for k, v in files.items() if not k.startswith("images/")})
+    return result
+
+
+def _csv(per_image: list[dict]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["key", "method", "hole_fraction", *METRICS])
+    for e in per_image:
+        for method in METHODS:
+            writer.writerow([e["key"], method, f"{e['hole_fraction']:.6f}", *(repr(e[method][m]) for m in METRICS)])
+    return buf.getvalue().encode()
+
+
+def _log_to_mlflow(opts: EvaluateOptions, model_info: dict, means: dict, truth_tv: float, count: int,
+                   files: dict[str, bytes]) -> str:
+    """One MLflow run with params, mean metrics, report artifacts and tags linking it to the model version."""
+    import mlflow
+
+    from pipeline.storage import redact
+
+    mlflow.set_experiment(opts.experiment)
+    tags = {"deepfill.job": "evaluate", "deepfill.model_ref": redact(opts.model)}
+    for key in ("model_name", "model_version", "run_id"):
+        if key in model_info:
+            tags["deepfill." + ("model_run_id" if key == "run_id" else key)] = str(model_info[key])
+    with mlflow.start_run(run_name=f"evaluate-{opts.mask_preset}", tags=tags) as run:
+        mlflow.log_params({"mask_preset": opts.mask_preset, "seed": opts.seed, "size": opts.size,
+                           "num_images": count, "images": redact(opts.images), "inpaint_radius": INPAINT_RADIUS})
+        values = {f"{method}/{m}": v for method in METHODS for m, v in means[method].items() if math.isfinite(v)}
+        values["truth/tv"] = truth_tv
+        mlflow.log_metrics(values)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            mlflow.log_artifacts(tmp, artifact_path="report")
+        if "model_version" in model_info:
+            mlflow.MlflowClient().set_model_version_tag(
+                model_info["model_name"], model_info["model_version"], f"deepfill.eval.{opts.mask_preset}",
+                run.info.run_id)
+        return run.info.run_id
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True, help="folder, file:// or s3:// prefix of held-out images")
+    parser.add_argument("--model", required=True,
+                        help="models:/name@alias, models:/name/N, runs:/id/model, a generator file or checkpoint folder")
+    parser.add_argument("--mask-preset", required=True, help="box, strokes, mixed, thin_256, thick_512, ...")
+    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the report")
+    parser.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N keys")
+    parser.add_argument("--size", type=int, default=None, help="evaluation size (default: the preset's, else 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    parser.add_argument("--grid-rows", type=int, default=8, help="images shown in grid.png (default 8)")
+    parser.add_argument("--save-images", action="store_true", help="also write each method's output images")
+    parser.add_argument("--experiment", default="deepfill-evaluate", help="MLflow experiment name")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.storage import redact
+
+    try:
+        opts = EvaluateOptions(
+            images=args.images, model=args.model, mask_preset=args.mask_preset, output=args.output,
+            seed=args.seed, max_images=args.max_images, size=args.size, batch_size=args.batch_size,
+            grid_rows=args.grid_rows, save_images=args.save_images, mlflow=not args.no_mlflow,
+            experiment=args.experiment,
+        )
+    except ValueError as err:
+        log.error("%s", err)
+        return 2
+    try:
+        result = evaluate(opts)
+    except Exception as err:  # noqa: BLE001 - a clean one-line failure, credentials removed
+        log.error("deepfill evaluate failed: %s", redact(f"{type(err).__name__}: {err}"))
+        return 1
+    print(json.dumps({"count": result["count"], "mean": result["mean"], "output": redact(opts.output)}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from jobs.cli import main
+
+    sys.exit(main(["evaluate", *sys.argv[1:]]))
