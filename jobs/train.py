@@ -530,6 +530,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             from pipeline.datasets import load_val_set
 
             val = load_val_set(cfg.data, cfg.masks, cfg.data.val_count)
+            if len(val["image"]) == 0:
+                log.warning("no validation images under %s/val: validation is off", cfg.data.shards)
+                val = None
 
     if start_step >= cfg.steps:
         log.info("step %d already reached (steps=%d): nothing to train", start_step, cfg.steps)
@@ -583,7 +586,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if grid is not None:
                     tracker.log_grid(grid, step)
             if tracker is not None:
-                tracker.log_metrics(metrics, step)
+                tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
             metrics["mlflow_run_id"] = run_id or ""
             metrics["worker_node_ids"] = ",".join(node_ids)
             if save and rank == 0:
