@@ -13,7 +13,7 @@ How it runs:
 2. Ray Data: a dataset of the keys still to do -> ``read_inputs`` tasks fetch the image and mask bytes ->
    ``InpaintWorker`` actors (``ActorPoolStrategy(size=--num-actors)``, one GPU each with ``--use-gpu``) decode
    (``pipeline.images``: EXIF orientation, RGB), inpaint each image at its own size through ``models.inpaint``
-   (images of one size in a batch share a forward pass), encode PNG and write it to the same relative key
+   (images of one size in a batch share a forward pass, up to MAX_BATCH_PIXELS), encode PNG and write it to the same relative key
    under ``--output`` with the suffix ``.png`` via ``pipeline.storage.write_bytes_atomic`` (written aside and
    moved into place locally; one PUT on S3), so a reader never sees a partial file.
 3. Every key yields one manifest row; bad input never fails a block: it becomes a row with status "error"
@@ -51,6 +51,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 MANIFEST_NAME = "manifest.jsonl"
 OUTPUT_FORMATS = ("png",)
 STATUSES = ("ok", "skipped", "error")
+MAX_BATCH_PIXELS = 2048 * 2048  # images of one size share a forward pass up to this many pixels
 MANIFEST_FIELDS = ("key", "output", "status", "reason", "hole_fraction", "seconds", "height", "width", "run")
 
 
@@ -228,7 +229,12 @@ class InpaintWorker:
         groups: dict[tuple[int, int], list] = {}
         for item in decoded:
             groups.setdefault(item[1].shape[:2], []).append(item)
-        for items in groups.values():
+        chunks = []
+        for items in groups.values():  # cap the pixels of one forward pass (memory of big images)
+            h, w = items[0][1].shape[:2]
+            step = max(1, MAX_BATCH_PIXELS // (h * w))
+            chunks.extend(items[j : j + step] for j in range(0, len(items), step))
+        for items in chunks:
             t0 = time.perf_counter()
             try:
                 images = np.stack([it[1] for it in items])  # (n, H, W, 3)
@@ -388,7 +394,9 @@ def _run_actors(opts: InferOptions, todo: list[dict], merged: dict, errors: int,
     generator_ref = ray.put(generator_bytes)
     blocks = max(1, min(len(todo), max(2 * opts.num_actors, math.ceil(len(todo) / opts.batch_size))))
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
-    ds = ds.map_batches(read_inputs, batch_size=opts.batch_size, num_cpus=0.25,
+    # I/O-bound fetch tasks reserve no CPU, so they run beside actors that hold every CPU of the cluster
+    ds = ds.map_batches(read_inputs, batch_size=opts.batch_size, num_cpus=0,
+                        compute=ray.data.TaskPoolStrategy(size=max(2, opts.num_actors)),
                         fn_kwargs={"images": opts.images, "masks": opts.masks, "storage_options": storage_options})
     ds = ds.map_batches(
         InpaintWorker,

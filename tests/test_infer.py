@@ -193,6 +193,31 @@ def test_mask_preset_on_local_folder(ray_local, tmp_path, model_file):
     assert not list(out.rglob(".tmp-*"))  # no temporary files left behind
 
 
+def test_worker_records_each_row_without_ray(tmp_path, model_file):
+    """The actor's __call__ alone: good rows written, every bad row recorded, nothing raised."""
+    with open(model_file, "rb") as f:
+        worker = infer.InpaintWorker(f.read(), output=str(tmp_path / "out"), mask_preset=None, seed=0,
+                                     max_pixels=10_000, run="r1")
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    big = rng.integers(0, 256, (120, 100, 3), dtype=np.uint8)  # 12000 px > max_pixels
+    batch = {
+        "key": np.array(["a.jpg", "b.png", "c.png", "d.png", "e.png"]),
+        "out_key": np.array(["a.png", "b.png", "c.png", "d.png", "e.png"]),
+        "image_bytes": np.array([_png(img), _png(img), b"junk", _png(big), b""], dtype=object),
+        "mask_bytes": np.array([_png(_box_mask(20, 30)), _png(_box_mask(30, 20)), b"", b"", b""], dtype=object),
+        "read_reason": np.array(["", "", "", "", "missing_input"], dtype=object),
+    }
+    out = worker(batch)
+    assert list(out["status"]) == ["ok", "error", "error", "error", "error"]
+    assert list(out["reason"]) == ["", "mask_size_mismatch", "not_an_image", "decompression_bomb", "missing_input"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]
+    result = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    hole = _box_mask(20, 30) > 0
+    np.testing.assert_array_equal(result[~hole], img[~hole])
+    assert out["hole_fraction"][0] == pytest.approx(hole.mean()) and out["run"][0] == "r1"
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="exactly one of --masks or --mask-preset"):
         infer.InferOptions(images="a", output="b", model="m")
