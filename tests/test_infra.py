@@ -234,10 +234,20 @@ def test_kuberay_rayjob_manifests(name, command):
     assert argv[:2] == ["deepfill", command]
     args = build_parser(command).parse_args(argv[1:])
     assert args.command == command
+    places2 = yaml.safe_load((ROOT / "configs" / "places2.yaml").read_text())
+    workers = spec["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = sum(g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in workers)
     if command == "train":
         # Configs are baked into the image at /opt/deepfill-ray/configs (infra/docker/Dockerfile).
-        assert args.config.startswith("/opt/deepfill-ray/configs/")
-        assert (ROOT / "configs" / Path(args.config).name).is_file()
+        assert args.config == "/opt/deepfill-ray/configs/places2.yaml"
+        # The cluster has exactly the GPUs the config's Ray Train workers ask for.
+        assert gpus == places2["scaling"]["num_workers"] * places2["scaling"].get("gpus_per_worker", 1)
+    else:
+        # It reads the model the training job registers, by alias, and uses every GPU.
+        tracking = places2["tracking"]
+        assert args.model == f"models:/{tracking['registered_model']}@{tracking['alias']}"
+        assert args.use_gpu and args.num_actors == gpus
 
 
 # --- MLflow -----------------------------------------------------------------------------------------------
