@@ -230,4 +230,7 @@ def loss_weights(mask: np.ndarray, gamma: float = 0.9) -> np.ndarray:
     if mask.size and mask.min() > 0:
         return np.ones(mask.shape, np.float32)
     dist = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # 0 on known pixels
+    # OpenCV's float result can differ in the last bit from call to call; squared distances between pixel
+    # centres are integers, so rounding them makes the weights exact and bit-for-bit repeatable.
+    dist = np.sqrt(np.rint(np.square(dist, dtype=np.float64))).astype(np.float32)
     return np.power(np.float32(gamma), dist, dtype=np.float32)

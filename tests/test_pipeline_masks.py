@@ -97,6 +97,9 @@ def test_loss_weights_match_the_formula():
     assert w.dtype == np.float32 and w.shape == mask.shape
     np.testing.assert_allclose(w, _brute_force_weights(mask, 0.9), rtol=1e-5)
     assert (w[mask == 0] == 1).all() and (w[mask == 1] <= 0.9 + 1e-6).all()
+    big = generate_mask("thick", 64, 64, mask_rng(0, -1, "k"))
+    first = loss_weights(big, 0.9)
+    assert all((loss_weights(big, 0.9) == first).all() for _ in range(20))  # bit-for-bit repeatable
 
 
 def test_loss_weights_agree_with_models_spatial_discount():

@@ -1,0 +1,121 @@
+"""pipeline.datasets on real Ray Data, reading shards from the moto S3 server: batch dtypes and shapes through
+iter_torch_batches, masks per sample / epoch / seed, loss weights, corrupt rows skipped, the fixed val set."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import storage
+from pipeline.config import DataConfig, MaskConfig
+from pipeline.datasets import (build_train_dataset, load_val_set, make_sample, reset_skipped_rows, skipped_rows)
+from pipeline.masks import loss_weights
+from pipeline.shards import _schema
+from tests.imaging import AWKWARD, BAD, GOOD_PHOTOS
+
+CROP = 64
+
+
+def _write_shard(uri: str, rows: dict[str, bytes]) -> None:
+    """A shard as `deepfill prepare` writes it (height/width/format are not read by the training path)."""
+    keys = sorted(rows)
+    table = pa.table({"key": keys, "image": [rows[k] for k in keys], "height": [0] * len(keys),
+                      "width": [0] * len(keys), "format": ["?"] * len(keys)}, schema=_schema())
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(uri, buf.getvalue())
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_server, good_images_dir, bad_images_dir):
+    """Shards on S3: train = 4 photos + 6 awkward images in two files; val = 3 photos."""
+    import s3fs
+
+    bucket = "pipeline-datasets"
+    s3fs.S3FileSystem(endpoint_url=s3_server).mkdir(bucket)
+    root = f"s3://{bucket}/shards"
+    bad_root, _ = bad_images_dir
+    photos = {k: (good_images_dir / k).read_bytes() for k in GOOD_PHOTOS.values()}
+    awkward = {k: (bad_root / k).read_bytes() for k in AWKWARD.values()}
+    _write_shard(f"{root}/train/part-00000-of-00002.parquet", photos)
+    _write_shard(f"{root}/train/part-00001-of-00002.parquet", awkward)
+    _write_shard(f"{root}/val/part-00000-of-00001.parquet", {f"v/{k}": v for k, v in list(photos.items())[:3]})
+    return root, {**photos, **awkward}
+
+
+def test_batches_through_iter_torch_batches(s3_shards, ray_local):
+    import torch
+
+    root, rows = s3_shards
+    data = DataConfig(shards=root, crop_size=CROP, shuffle_buffer=4, batch_rows=3)
+    ds = build_train_dataset(data, MaskConfig(seed=1), epochs=2)
+    batches = list(ds.iter_torch_batches(batch_size=4, local_shuffle_buffer_size=data.shuffle_buffer,
+                                         drop_last=True))
+    assert len(batches) == (2 * len(rows)) // 4
+    for b in batches:
+        assert set(b) == {"image", "mask", "weight"}
+        assert b["image"].dtype == torch.uint8 and tuple(b["image"].shape) == (4, CROP, CROP, 3)
+        assert b["mask"].dtype == torch.uint8 and tuple(b["mask"].shape) == (4, CROP, CROP, 1)
+        assert b["weight"].dtype == torch.float32 and tuple(b["weight"].shape) == (4, CROP, CROP, 1)
+        assert set(torch.unique(b["mask"]).tolist()) <= {0, 1}
+        frac = b["mask"].float().mean(dim=(1, 2, 3))
+        assert (frac > 0).all() and (frac <= 0.5).all()
+
+
+def test_masks_vary_by_sample_and_epoch_and_repeat_for_the_seed(s3_shards, ray_local):
+    root, rows = s3_shards
+    data = DataConfig(shards=root, crop_size=CROP)
+    masks = MaskConfig(kind="mixed", seed=7, gamma=0.9)
+    got = build_train_dataset(data, masks, epochs=2, with_keys=True).take_all()
+    by = {(r["key"], int(r["epoch"])): r for r in got}
+    assert sorted(by) == sorted((k, e) for k in rows for e in (0, 1))  # every image once per epoch
+
+    for (key, epoch), r in by.items():
+        assert r["image"].shape == (CROP, CROP, 3) and r["mask"].shape == (CROP, CROP, 1)
+        # the weights follow the formula for this row's mask
+        np.testing.assert_allclose(r["weight"][..., 0], loss_weights(r["mask"][..., 0], 0.9), rtol=1e-6)
+        # reproducible: the driver recomputes exactly what a Ray worker produced for (seed, epoch, key)
+        img, m, _ = make_sample(rows[key], key, epoch, data, masks)
+        assert (img == r["image"]).all() and (m == r["mask"][..., 0]).all()
+
+    epoch0 = [by[(k, 0)]["mask"] for k in rows]
+    assert len({m.tobytes() for m in epoch0}) == len(rows)  # different masks for different samples
+    assert all(not (by[(k, 0)]["mask"] == by[(k, 1)]["mask"]).all() for k in rows)  # and across epochs
+    other = MaskConfig(kind="mixed", seed=8)
+    assert any(not (make_sample(rows[k], k, 0, data, other)[1] == by[(k, 0)]["mask"][..., 0]).all() for k in rows)
+
+
+def test_corrupt_rows_are_skipped_and_counted(tmp_path, ray_local, good_images_dir, bad_images_dir):
+    bad_root, _ = bad_images_dir
+    good = {k: (good_images_dir / k).read_bytes() for k in GOOD_PHOTOS.values()}
+    bad = {k: (bad_root / BAD[k]).read_bytes() for k in ("truncated", "corrupt", "not_image")}
+    _write_shard(str(tmp_path / "train" / "part-00000-of-00001.parquet"), {**good, **bad})
+    reset_skipped_rows()
+    data = DataConfig(shards=str(tmp_path), crop_size=CROP)
+    got = build_train_dataset(data, MaskConfig(kind="box", seed=0), with_keys=True).take_all()
+    assert sorted(r["key"] for r in got) == sorted(good)  # the bad rows are gone, the rest survive
+    for r in got:  # box masks at 64: a 32 px box shrunk by 0..4 px per side
+        assert 24 * 24 <= r["mask"].sum() <= 32 * 32
+    skipped = skipped_rows()
+    assert skipped["count"] == 3
+    assert {r["key"]: r["reason"] for r in skipped["rows"]} == {
+        "truncated": "truncated", "corrupt": "corrupt", "not_image": "not_an_image"}
+
+
+def test_val_set_is_fixed(s3_shards):
+    root, rows = s3_shards
+    data = DataConfig(shards=root, crop_size=CROP)
+    masks = MaskConfig(kind="thick", seed=0)
+    a = load_val_set(data, masks, 2)
+    b = load_val_set(data, masks, 2)
+    assert list(a["key"]) == sorted(f"v/{k}" for k in list(rows)[:3])[:2]
+    assert a["image"].shape == (2, CROP, CROP, 3) and a["image"].dtype == np.uint8
+    assert a["mask"].shape == (2, CROP, CROP, 1) and a["weight"].dtype == np.float32
+    for name in ("image", "mask", "weight"):
+        assert (a[name] == b[name]).all()
+    assert not (a["mask"][0] == a["mask"][1]).all()
+    assert len(load_val_set(data, masks, 10)["key"]) == 3  # capped by what exists
