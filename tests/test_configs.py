@@ -68,3 +68,16 @@ def test_validation_names_the_option(override, option):
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, None, [override])
     assert option in str(err.value)
+
+
+def test_cli_prints_the_resolved_config_and_rejects_bad_options(capsys):
+    import yaml
+
+    from jobs import cli
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert cli.main(["train", "--config", tiny, "--set", "gan.n_critic=3", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["gan"]["n_critic"] == 3 and printed["model"]["cnum"] == 8
+    assert cli.main(["train", "--config", tiny, "--set", "gan.n_critic=0"]) == 2
+    assert "gan.n_critic" in capsys.readouterr().err
