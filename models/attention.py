@@ -129,33 +129,45 @@ class ContextualAttention(nn.Module):
 
         rows_per_chunk = max(1, self.max_score_bytes // max(1, B * w * Lb * 4))
         rows_per_chunk = min(rows_per_chunk, h)
-        cache: dict[int, torch.Tensor] = {}  # fg row -> scores (B, w, Lb), kept while later chunks need it
+        runs: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, scores (B, rows*w, Lb)) cached
 
         def score_rows(a: int, c: int) -> torch.Tensor:
             """Unfused scores of foreground rows [a, c): (B, (c-a)*w, Lb), score_dtype."""
             n = c - a
             G = torch.bmm(fp[:, :, a:c + 2 * p].flatten(2).transpose(1, 2), bp_flat)  # (B, (n+2p)(w+2p), Lb')
             G = G.to(score_dtype).view(B, n + 2 * p, w + 2 * p, hb + 2 * p, wb + 2 * p)
-            S = None
-            for u in range(k):
-                for v in range(k):
-                    term = G[:, u:u + n, v:v + w, u:u + hb, v:v + wb]
-                    S = term.clone() if S is None else S.add_(term)
+            pairs = [(..., (slice(None), slice(u, u + n), slice(v, v + w), slice(u, u + hb), slice(v, v + wb)))
+                     for u in range(k) for v in range(k)]
+            S = _ShiftAdd.apply(G, (B, n, w, hb, wb), pairs)  # sum of the k*k shifted diagonals
             del G
             return (S.reshape(B, n * w, Lb) * inv_norm)  # (B, n*w, Lb)
 
-        def ensure_rows(rows: list[int]) -> None:
-            missing = sorted(set(rows) - cache.keys())
+        def find_run(t: int):
+            for run in runs:
+                if run[0] <= t < run[1]:
+                    return run
+            return None
+
+        def gather_rows(rows: list[int]) -> torch.Tensor:
+            """Unfused scores of the given sorted rows, computing missing ones: (B, len(rows)*w, Lb)."""
+            missing = [t for t in rows if find_run(t) is None]
             i = 0
-            while i < len(missing):  # contiguous runs
+            while i < len(missing):  # compute contiguous runs of missing rows
                 j = i
                 while j + 1 < len(missing) and missing[j + 1] == missing[j] + 1:
                     j += 1
-                a, c = missing[i], missing[j] + 1
-                S = score_rows(a, c).view(B, c - a, w, Lb)
-                for t in range(a, c):
-                    cache[t] = S[:, t - a]
+                runs.append((missing[i], missing[j] + 1, score_rows(missing[i], missing[j] + 1)))
                 i = j + 1
+            pieces, i = [], 0
+            while i < len(rows):
+                a, c, S = find_run(rows[i])
+                j = i
+                while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1 and rows[j + 1] < c:
+                    j += 1
+                lo, hi = rows[i] - a, rows[j] + 1 - a
+                pieces.append(S if (lo, hi) == (0, c - a) else S[:, lo * w:hi * w])
+                i = j + 1
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
         offsets = torch.zeros(B, 2, L, dtype=torch.int64, device=dev)
         pieces = []  # paste-back outputs, one per chunk, in row order
@@ -172,9 +184,8 @@ class ContextualAttention(nn.Module):
                 rows = sorted(set((need // w).tolist()))
             else:
                 rows = list(range(r0, r1))
-            ensure_rows(rows)
+            X = gather_rows(rows)  # (B, n_src*w, Lb)
             src_rows = torch.tensor(rows, device=dev)
-            X = torch.cat([cache[t] for t in rows], 1) if len(rows) > 1 else cache[rows[0]]  # (B, n_src*w, Lb)
             if self.fuse:
                 pos = torch.full((L,), -1, dtype=torch.int64, device=dev)
                 pos.view(h, w)[src_rows] = torch.arange(len(rows) * w, device=dev).view(len(rows), w)
@@ -211,17 +222,17 @@ class ContextualAttention(nn.Module):
             prev_row = attn.view(B, nr, w, Lb)[:, -1]
             del attn
             no = ext.shape[1] - 1  # output rows of this chunk
-            A = ext.new_zeros(B, no, w + 1, hb + 1, wb + 1)
-            for di in (0, 1):
-                for dj in (0, 1):
-                    A[:, :, dj:dj + w, di:di + hb, dj:dj + wb] += ext[:, 1 - di:1 - di + no]
+            pairs = [((slice(None), slice(None), slice(dj, dj + w), slice(di, di + hb), slice(dj, dj + wb)),
+                      (slice(None), slice(1 - di, 1 - di + no))) for di in (0, 1) for dj in (0, 1)]
+            A = _ShiftAdd.apply(ext, (B, no, w + 1, hb + 1, wb + 1), pairs)  # (B, no, w+1, hb+1, wb+1)
             del ext
             out = torch.bmm(A.view(B, no * (w + 1), (hb + 1) * (wb + 1)).to(P.dtype), P)  # (B, no*(w+1), r*r*C)
             del A
             out = out.view(B, no, w + 1, r, r, C).permute(0, 5, 1, 3, 2, 4)  # (B, C, no, r, w+1, r)
             pieces.append(out.reshape(B, C, no * r, (w + 1) * r))
-            for t in [t for t in cache if fk < t < r1 - 2 * fk - 2]:
-                del cache[t]  # rows 0..fk stay: the last chunk's column-major wrap needs them
+            # forget runs no later chunk needs (a run holding rows 0..fk stays: the last chunk's
+            # column-major wrap-around needs them)
+            runs[:] = [run for run in runs if run[0] <= fk or run[1] > r1 - 2 * fk - 2]
 
         y = torch.cat(pieces, 2) if len(pieces) > 1 else pieces[0]  # (B, C, (h+1)r, (w+1)r)
         y = y[:, :, r // 2:r // 2 + H, r // 2:r // 2 + W]
@@ -265,18 +276,71 @@ def _diag_pass(X, pos, targets, shift, fk, Lb):
 
     X: (B, n_src, Lb) rows indexed through pos (global index -> row of X); targets: global indices (n,).
     Returns (B, n, Lb)."""
-    B = X.shape[0]
-    out = X.new_zeros(B, targets.numel(), Lb)
+    terms = []
     for d in range(-fk, fk + 1):
         src, ok = shift(targets, d)
-        g = X.index_select(1, pos[src])  # (B, n, Lb)
-        if not bool(ok.all()):
-            g = g * ok.to(g.dtype)[None, :, None]
-        if d >= 0:
-            out[:, :, :Lb - d] += g[:, :, d:]
-        else:
-            out[:, :, -d:] += g[:, :, :Lb + d]
-    return out
+        terms.append((d, pos[src], None if bool(ok.all()) else ok))
+    return _DiagPass.apply(X, terms, Lb)
+
+
+class _ShiftAdd(torch.autograd.Function):
+    """out = zeros(out_shape); out[dst] += x[src] for each (dst, src) index pair (dst may be ... = all).
+    The backward is the adjoint, gx[src] += g[dst], into one buffer (autograd's slice backward would
+    allocate and zero-fill a full-size gradient per slice)."""
+
+    @staticmethod
+    def forward(ctx, x, out_shape, pairs):
+        ctx.x_shape, ctx.pairs = x.shape, pairs
+        out = None
+        for dst, src in pairs:
+            if out is None and dst is Ellipsis:
+                out = x[src].clone()
+                continue
+            if out is None:
+                out = x.new_zeros(out_shape)
+            out[dst] += x[src]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = g.new_zeros(ctx.x_shape)
+        for dst, src in ctx.pairs:
+            gx[src] += g[dst]
+        return gx, None, None
+
+
+class _DiagPass(torch.autograd.Function):
+    """out[:, t, j] = sum over terms (d, idx, ok) of ok[t] * x[:, idx[t], j + d] (0 where j + d is out of
+    range; ok None = all valid). x: (B, n_src, Lb) -> out (B, n, Lb)."""
+
+    @staticmethod
+    def forward(ctx, x, terms, Lb):
+        ctx.x_shape, ctx.terms, ctx.Lb = x.shape, terms, Lb
+        out = x.new_zeros(x.shape[0], terms[0][1].numel(), Lb)
+        for d, idx, ok in terms:
+            g = x.index_select(1, idx)  # (B, n, Lb)
+            if ok is not None:
+                g.mul_(ok.to(g.dtype)[None, :, None])
+            if d >= 0:
+                out[:, :, :Lb - d] += g[:, :, d:]
+            else:
+                out[:, :, -d:] += g[:, :, :Lb + d]
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        Lb = ctx.Lb
+        gx = g.new_zeros(ctx.x_shape)
+        for d, idx, ok in ctx.terms:
+            gs = torch.zeros_like(g)  # gs[:, :, j + d] = g[:, :, j]
+            if d >= 0:
+                gs[:, :, d:] = g[:, :, :Lb - d]
+            else:
+                gs[:, :, :Lb + d] = g[:, :, -d:]
+            if ok is not None:
+                gs.mul_(ok.to(gs.dtype)[None, :, None])
+            gx.index_add_(1, idx, gs)
+        return gx, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
