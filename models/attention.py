@@ -316,11 +316,15 @@ class _DiagPass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, terms, Lb):
         ctx.x_shape, ctx.terms, ctx.Lb = x.shape, terms, Lb
-        out = x.new_zeros(x.shape[0], terms[0][1].numel(), Lb)
-        for d, idx, ok in terms:
+        out = None
+        for d, idx, ok in sorted(terms, key=lambda t: abs(t[0])):  # d = 0 first: it initialises out
             g = x.index_select(1, idx)  # (B, n, Lb)
             if ok is not None:
                 g.mul_(ok.to(g.dtype)[None, :, None])
+            if out is None:
+                out = g if d == 0 else g.new_zeros(g.shape)
+                if d == 0:
+                    continue
             if d >= 0:
                 out[:, :, :Lb - d] += g[:, :, d:]
             else:
@@ -332,11 +336,13 @@ class _DiagPass(torch.autograd.Function):
         Lb = ctx.Lb
         gx = g.new_zeros(ctx.x_shape)
         for d, idx, ok in ctx.terms:
-            gs = torch.zeros_like(g)  # gs[:, :, j + d] = g[:, :, j]
+            gs = torch.empty_like(g)  # gs[:, :, j + d] = g[:, :, j], 0 where j is out of range
             if d >= 0:
                 gs[:, :, d:] = g[:, :, :Lb - d]
+                gs[:, :, :d] = 0
             else:
                 gs[:, :, :Lb + d] = g[:, :, -d:]
+                gs[:, :, Lb + d:] = 0
             if ok is not None:
                 gs.mul_(ok.to(gs.dtype)[None, :, None])
             gx.index_add_(1, idx, gs)
