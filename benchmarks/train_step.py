@@ -10,7 +10,7 @@ time a 2-worker Ray Train run spends waiting for data. Prints one JSON object.
    prepared to a temp folder), reporting the data-wait share of the steady-state window (the first window,
    which includes start-up, is reported too). Goal: < 5 %.
 
-    .venv/bin/python benchmarks/train_step.py [--repeats 2] [--n-critic 5] [--skip-ray] [--skip-iteration]
+    .venv/bin/python benchmarks/train_step.py [--repeats 2] [--n-critic 5] [--threads N] [--skip-ray] [--skip-iteration]
 """
 
 from __future__ import annotations
@@ -155,7 +155,10 @@ def main() -> int:
     parser.add_argument("--ray-steps", type=int, default=8)
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-iteration", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = {"cpu_count": os.cpu_count(), "torch": torch.__version__}
     if not args.skip_iteration:
         out["iteration"] = bench_iteration(args.repeats, args.n_critic)
