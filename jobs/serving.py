@@ -5,7 +5,8 @@
 - ``log_inpaint_model``: log that pyfunc (with a tensor signature) inside the active MLflow run, register it
   and point an alias (e.g. ``candidate``) at the new version.
 - ``load_generator``: ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``, a generator file
-  (local or ``s3://``) or a training checkpoint folder holding ``generator.pt`` -> (InpaintGenerator, info).
+  (local or ``s3://``), a training checkpoint folder holding ``generator.pt`` or a Ray Train run folder of
+  ``checkpoint_*`` folders -> (InpaintGenerator, info).
 
 The logged model carries no project code: it loads in a Python environment where this project
 (``deepfill-ray``) is installed, which is where ``jobs.serving.InpaintModel`` is imported from.
@@ -221,9 +222,15 @@ def fetch_checkpoint(ref: str) -> tuple[bytes, dict]:
 
     fs, path = storage.filesystem(ref)
     if fs.isdir(path):
-        path = path.rstrip("/") + "/" + GENERATOR_FILENAME
+        folder = path.rstrip("/")
+        path = f"{folder}/{GENERATOR_FILENAME}"
         if not fs.exists(path):
-            raise FileNotFoundError(f"no {GENERATOR_FILENAME} in the checkpoint folder {storage.redact(ref)}")
+            # a Ray Train run folder: take the newest checkpoint_* (their names sort by time) holding a generator
+            found = sorted(p for p in fs.glob(f"{folder}/checkpoint_*/{GENERATOR_FILENAME}"))
+            if not found:
+                raise FileNotFoundError(f"no {GENERATOR_FILENAME} in the checkpoint folder {storage.redact(ref)}")
+            path = found[-1]
+            info["checkpoint"] = path.rsplit("/", 2)[-2]
     elif not fs.exists(path):
         raise FileNotFoundError(f"no model checkpoint at {storage.redact(ref)}")
     with fs.open(path, "rb") as f:
@@ -242,7 +249,8 @@ def load_generator(ref: str, *, device: str | torch.device | None = None):
     """Load a generator from any model reference; returns (InpaintGenerator in eval mode, info dict).
 
     ref: ``models:/name@alias`` | ``models:/name/<version>`` | ``runs:/<run_id>/<path>`` | a generator file
-    (path, ``file://`` or ``s3://``) | a folder holding ``generator.pt`` (a training checkpoint). ``device``
+    (path, ``file://`` or ``s3://``) | a folder holding ``generator.pt`` (a training checkpoint) | a Ray Train
+    run folder holding ``checkpoint_*/generator.pt`` (the newest checkpoint by name is taken). ``device``
     defaults to CUDA when present, else CPU. info holds "ref" plus registry facts for ``models:/`` refs
     ("model_name", "model_version", "run_id") and the checkpoint's "step".
     """

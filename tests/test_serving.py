@@ -89,7 +89,12 @@ def test_load_generator_from_every_kind_of_ref(tiny_checkpoint, sqlite_mlflow, s
         str(path.parent): {},  # a training checkpoint folder holding generator.pt
         s3_uri: {},
         f"{s3_bucket}/ckpt": {},
+        f"{s3_bucket}/run": {"checkpoint": "checkpoint_2026-01-02_00-00-00.000000"},  # newest of two
     }
+    storage.write_bytes_atomic(f"{s3_bucket}/run/checkpoint_2026-01-01_00-00-00.000000/{serving.GENERATOR_FILENAME}",
+                               b"an older, broken file")
+    storage.write_bytes_atomic(f"{s3_bucket}/run/checkpoint_2026-01-02_00-00-00.000000/{serving.GENERATOR_FILENAME}",
+                               path.read_bytes())
     for ref, facts in refs.items():
         loaded, info = serving.load_generator(ref, device="cpu")
         assert info["step"] == 7, ref
