@@ -89,7 +89,8 @@ def test_prepare_s3_through_the_cli(s3_bucket, ray_local, good_images_dir, bad_i
         assert f"rejected {key}: {reason}" in logs
     manifest_text = storage.read_bytes(storage.join(dst, "manifest.json")).decode()
     assert S3_TEST_SECRET not in logs and S3_TEST_SECRET not in manifest_text
-    assert json.loads(out.strip().splitlines()[-1])["train"] == counts["train"]  # the CLI's summary line
+    summary = [line for line in out.splitlines() if line.startswith('{"dst"')]  # the CLI's summary line
+    assert len(summary) == 1 and json.loads(summary[0])["train"] == counts["train"]
 
 
 def test_interrupted_prepare_completes_without_duplicates(tmp_path, ray_local, good_images_dir, bad_images_dir):
