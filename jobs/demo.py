@@ -9,8 +9,8 @@
 5. ``deepfill evaluate`` on the held-out images: ours against OpenCV Telea and Navier-Stokes;
 6. prints a summary: the metrics, where the pictures and the report are, and the ``mlflow ui`` command.
 
-Every step runs the real ``deepfill`` command in a subprocess (its output streams through), exactly as a
-user would type it. Outputs go to ``demo_output/`` (recreated on every run); MLflow keeps every run, so a
+Every step runs the real ``deepfill`` command line (``jobs.cli.main``) with the arguments printed above it,
+in this process and on one local Ray instance started once, so the four commands share it. Outputs go to ``demo_output/`` (recreated on every run); MLflow keeps every run, so a
 second ``make demo`` registers version 2 and moves the alias to it.
 """
 
@@ -21,7 +21,6 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ class DemoOptions:
     train_per_source: int = 32  # random crops per training source image
     held_out_per_source: int = 8  # crops per held-out source image
     seed: int = 0
+    overrides: tuple[str, ...] = ()  # extra `--set key.path=value` for `deepfill train`
 
 
 def load_source(name: str) -> np.ndarray:
@@ -86,7 +86,7 @@ def random_crops(image: np.ndarray, count: int, min_side: int, max_side: int, ou
 
 
 def build_dataset(root: Path, opts: DemoOptions) -> dict[str, int]:
-    """Write ``root/train/<source>/<i>.png`` and ``root/held_out/<source>_<i>.png``; return the counts.
+    """Write ``root/train/<source>/<i>.png`` and ``root/held_out/<i>_<source>.png``; return the counts.
 
     Training crops have random sides in [crop, 4 * crop] (kept at that size: the training pipeline cuts its
     own crop_size crops, scaling up anything smaller), so the model sees each picture at several scales.
@@ -111,14 +111,16 @@ def build_dataset(root: Path, opts: DemoOptions) -> dict[str, int]:
         image = load_source(name)
         for i, crop in enumerate(random_crops(image, opts.held_out_per_source, opts.crop_size, 3 * opts.crop_size,
                                               opts.crop_size, rng)):
-            Image.fromarray(crop).save(folder / f"{name}_{i:02d}.png")
+            Image.fromarray(crop).save(folder / f"{i:02d}_{name}.png")  # sorted keys alternate the sources
             counts["held_out"] += 1
     return counts
 
 
 def commands(opts: DemoOptions) -> list[tuple[str, list[str]]]:
-    """The ``deepfill`` commands the demo runs, in order, as (title, argv after ``deepfill``)."""
-    out = opts.output
+    """The ``deepfill`` commands the demo runs, in order, as (title, argv after ``deepfill``).
+
+    Paths are absolute: Ray Train runs its workers in their own working directories."""
+    out = opts.output.resolve()
     model = f"models:/{MODEL_NAME}@{ALIAS}"
     return [
         ("prepare: validate the images into Parquet shards", [
@@ -129,6 +131,7 @@ def commands(opts: DemoOptions) -> list[tuple[str, list[str]]]:
             "train", "--config", CONFIG,
             "--set", f"data.shards={out / 'shards'}",
             "--set", f"checkpoint.storage_path={out / 'ray_results'}",
+            *[a for o in opts.overrides for a in ("--set", o)],
         ]),
         ("infer: inpaint the held-out images with the registered model", [
             "infer", "--images", str(out / "images" / "held_out"), "--output", str(out / "inpainted"),
@@ -142,28 +145,43 @@ def commands(opts: DemoOptions) -> list[tuple[str, list[str]]]:
     ]
 
 
+def start_ray() -> None:
+    """One local Ray instance for every step (4 logical CPUs: two training workers plus the data tasks
+    sharing this machine's cores), so each command finds it instead of starting its own."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
+
+
 def run_step(index: int, total: int, title: str, argv: list[str]) -> float:
-    """Run ``deepfill <argv>`` in a subprocess with its output streaming through; return seconds taken."""
+    """Run ``deepfill <argv>`` through the real command line (in this process); return seconds taken."""
+    from jobs.cli import main as deepfill
+
     banner = f"[{index}/{total}] {title}"
     print(f"\n{'=' * len(banner)}\n{banner}\n{'=' * len(banner)}\n$ deepfill {shlex.join(argv)}", flush=True)
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *argv], env=os.environ.copy())
+    code = deepfill(list(argv))
     seconds = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"demo: `deepfill {argv[0]}` failed with exit code {proc.returncode} after {seconds:.0f} s")
+    if code != 0:
+        raise SystemExit(f"demo: `deepfill {argv[0]}` failed with exit code {code} after {seconds:.0f} s")
     print(f"-- {argv[0]} done in {seconds:.0f} s", flush=True)
     return seconds
 
 
-def summary(opts: DemoOptions, timings: dict[str, float]) -> str:
+def summary(opts: DemoOptions, timings: dict[str, float], total: float | None = None) -> str:
     """The closing summary: metrics table from the evaluate report, where things are, how to look."""
     out = opts.output
     report = out / "report"
-    lines = ["", "deepfill-ray demo: done in " + f"{sum(timings.values()):.0f} s ("
+    total = sum(timings.values()) if total is None else total
+    lines = ["", f"deepfill-ray demo: done in {total:.0f} s ("
              + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")", ""]
     metrics = report / "metrics.json"
     if metrics.is_file():
-        lines += format_metrics(json.loads(metrics.read_text()))
+        result = json.loads(metrics.read_text())
+        lines.append(f"held-out images: {result.get('count', '?')}, {MASK_PRESET} masks, seed 0 "
+                     "(means; l1/l2 on [0, 1], psnr in dB):")
+        lines += format_metrics(result)
     table = report / "report.md"
     lines += [
         "",
@@ -196,8 +214,10 @@ def format_metrics(metrics: dict) -> list[str]:
 def parse_args(argv: list[str] | None) -> DemoOptions:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", default="demo_output", help="output folder, recreated (default demo_output)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="passed on to `deepfill train`, e.g. --set steps=1000 (repeatable)")
     args = parser.parse_args(argv)
-    return DemoOptions(output=Path(args.output))
+    return DemoOptions(output=Path(args.output), overrides=tuple(args.overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{counts['train']} training images from {len(TRAIN_SOURCES)} sources in {opts.output / 'images' / 'train'}; "
           f"{counts['held_out']} held-out images from {', '.join(HELD_OUT_SOURCES)} in "
           f"{opts.output / 'images' / 'held_out'}", flush=True)
+    ray_started = time.perf_counter()
+    start_ray()
+    timings["ray start"] = time.perf_counter() - ray_started
     for i, (title, argv_) in enumerate(steps, start=2):
         timings[argv_[0]] = run_step(i, total, title, argv_)
-    print(summary(opts, timings), flush=True)
+    print(summary(opts, timings, time.perf_counter() - started), flush=True)
     return 0
 
 
