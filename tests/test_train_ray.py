@@ -51,7 +51,9 @@ def train_shards(s3_server, good_images_dir, tmp_path_factory):
 
 
 def _tiny(tmp_path, shards, *sets):
-    return load_config(T.TrainConfig, TINY, [
+    """The tiny config at batch 1: with 10 training images, 2 workers and steps <= 4, the dataset needs at
+    most 2 epochs (each epoch is a branch of the Ray Data union that has to start up)."""
+    return load_config(T.TrainConfig, TINY, ["batch_size=1",
         f"data.shards={shards}", f"checkpoint.storage_path={tmp_path / 'runs'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "tracking.log_model=false", *sets,
     ])
