@@ -10,8 +10,9 @@
 6. prints a summary: the metrics, where the pictures and the report are, and the ``mlflow ui`` command.
 
 Every step runs the real ``deepfill`` command line (``jobs.cli.main``) with the arguments printed above it,
-in this process and on one local Ray instance started once, so the four commands share it. Outputs go to ``demo_output/`` (recreated on every run); MLflow keeps every run, so a
-second ``make demo`` registers version 2 and moves the alias to it.
+in this process, on one local Ray instance that the four commands share. Outputs go to ``demo_output/``
+(recreated on every run); MLflow keeps every run, so a second ``make demo`` registers version 2 and moves
+the alias to it. ``--set key.path=value`` is passed on to ``deepfill train`` (e.g. ``--set steps=2000``).
 """
 
 from __future__ import annotations
