@@ -77,14 +77,21 @@ def ray_local(s3_server):
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            address="local",
-            num_cpus=4,
-            object_store_memory=400 * 1024**2,
-            include_dashboard=False,
-            log_to_driver=True,
-        )
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(
+                address="local",
+                num_cpus=4,
+                object_store_memory=400 * 1024**2,
+                include_dashboard=False,
+                log_to_driver=True,
+            )
+        except Exception:  # Ray's fixed node start-up deadline can pass on a loaded machine: try again
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield ray
 
 
