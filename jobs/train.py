@@ -661,16 +661,41 @@ def storage_uri(cfg: TrainConfig) -> str:
     return storage.join(base, cfg.name)
 
 
-def train_epochs(cfg: TrainConfig) -> int:
-    """Passes over the training shards that cover ``steps`` (the dataset is built for this many epochs)."""
+def _batches_per_pass(cfg: TrainConfig) -> int:
+    """Full per-worker batches in one pass over the training shards (from the shards' manifest)."""
     import json
 
     from pipeline import storage
 
     manifest = json.loads(storage.read_bytes(storage.join(cfg.data.shards, "manifest.json"), cfg.data.storage))
     count = _train_count(manifest)
-    per_pass = max(count // max(cfg.scaling.num_workers, 1) // cfg.batch_size, 1)  # full batches per worker
-    return max(math.ceil(cfg.steps * (cfg.gan.n_critic + 1) / per_pass), 1)
+    return max(count // max(cfg.scaling.num_workers, 1) // cfg.batch_size, 1)
+
+
+def train_epochs(cfg: TrainConfig, start_step: int = 0) -> int:
+    """Passes over the training shards that cover steps ``start_step .. steps`` (the dataset is built for
+    this many epochs)."""
+    remaining = max(cfg.steps - start_step, 1)
+    return max(math.ceil(remaining * (cfg.gan.n_critic + 1) / _batches_per_pass(cfg)), 1)
+
+
+def start_epoch(cfg: TrainConfig, start_step: int) -> int:
+    """The epoch a job that resumes at ``start_step`` is in, so its crops and masks are not epoch 0's again."""
+    return start_step * (cfg.gan.n_critic + 1) // _batches_per_pass(cfg)
+
+
+def latest_checkpoint_step(run_uri: str, options=None) -> int:
+    """The step of the newest ``checkpoint_step_*`` folder in a run's storage folder (0 if none)."""
+    from pipeline import storage
+
+    fs, path = storage.filesystem(run_uri, options)
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (FileNotFoundError, OSError):
+        return 0
+    steps = [int(n.removeprefix("checkpoint_step_")) for n in names
+             if n.startswith("checkpoint_step_") and n.removeprefix("checkpoint_step_").isdigit()]
+    return max(steps, default=0)
 
 
 def _train_count(manifest: dict) -> int:
@@ -701,7 +726,9 @@ def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
     if dataset is None:
         from pipeline.datasets import build_train_dataset
 
-        dataset = build_train_dataset(cfg.data, cfg.masks, epochs=train_epochs(cfg))
+        step0 = latest_checkpoint_step(run_uri, cfg.data.storage)  # a rerun resumes there (Ray Train)
+        dataset = build_train_dataset(cfg.data, cfg.masks, epochs=train_epochs(cfg, step0),
+                                      start_epoch=start_epoch(cfg, step0))
     fs, path = storage.pyarrow_filesystem(cfg.checkpoint.storage_path, cfg.data.storage)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.custom_resources}
     if cfg.scaling.use_gpu:

@@ -1,10 +1,11 @@
 """Training and validation data from prepared shards.
 
-``build_train_dataset`` streams ``<shards>/train/*.parquet`` through Ray Data: block order randomised per
-epoch, then decode + augment + mask + loss weights in CPU tasks (``map_batches``), one pipeline per epoch
-tagged with its epoch number and unioned, so masks and crops differ between epochs and repeat exactly for
-the same ``masks.seed``. Rows that fail to decode are skipped, counted and logged, never fatal (a per-row
-try/except: Ray's ``max_errored_blocks`` would drop whole blocks). Training workers consume it with::
+``build_train_dataset`` streams ``<shards>/train/*.parquet`` through Ray Data: one item per (epoch, shard),
+each epoch's shards in a seeded random order, and one CPU task per item that streams the shard's row groups
+through decode + augment + mask + loss weights, drawing crops and masks from (seed, epoch, key), so masks and
+crops differ between epochs and repeat exactly for the same ``masks.seed``. Rows that fail to decode are
+skipped, counted and logged, never fatal (a per-row try/except: Ray's ``max_errored_blocks`` would drop
+whole blocks). Training workers consume it with::
 
     ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=B, local_shuffle_buffer_size=data.shuffle_buffer, drop_last=True)
@@ -70,7 +71,7 @@ def _record_skips(rows: list[dict]) -> None:
     try:
         counter = _skip_counter_cls().options(name=SKIP_COUNTER, get_if_exists=True, lifetime="detached",
                                               namespace="deepfill").remote()
-        counter.add.remote(rows)
+        ray.get(counter.add.remote(rows))  # recorded before the batch moves on: counts are exact
     except Exception as err:  # noqa: BLE001 - reporting must never fail training
         log.warning("could not record skipped rows: %s", err)
 
@@ -157,34 +158,63 @@ def transform_batch(batch: dict, *, epoch: int, data: DataConfig, masks: MaskCon
 
 # ------------------------------------------------------------------------------------- datasets
 
-def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1, with_keys: bool = False):
-    """A Ray Dataset of training samples for ``epochs`` passes over ``<data.shards>/train``.
+def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1, start_epoch: int = 0,
+                        with_keys: bool = False):
+    """A Ray Dataset of training samples for epochs ``start_epoch .. start_epoch + epochs - 1`` over
+    ``<data.shards>/train``.
 
     Columns: image (S, S, 3) uint8, mask (S, S, 1) uint8 (1 = hole), weight (S, S, 1) float32, with
     S = data.crop_size; with ``with_keys`` also key (str) and epoch (int64), for inspection (not for
-    iter_torch_batches, which cannot batch strings). Each epoch reads the shards in its own (seeded) block
-    order and draws its own crops and masks from (masks.seed, epoch, key); the epochs are unioned.
+    iter_torch_batches, which cannot batch strings).
+
+    One Ray Data pipeline for all epochs: its items are (epoch, shard file) pairs, each epoch's shards in
+    their own seeded order (the block-order shuffle), and one CPU task per item streams the shard's row
+    groups through decode + augment + mask + loss weights, drawing crops and masks from
+    (masks.seed, epoch, key). So each epoch differs, the same seed repeats, a resumed job starts at its own
+    epoch, and a shard that cannot be read is skipped and recorded like a bad row instead of failing the
+    plan on the driver.
     """
     import ray
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if start_epoch < 0:
+        raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
     if not data.shards:
         raise ValueError("data.shards is empty: give the URI of a `deepfill prepare` output")
-    fs, path = storage.pyarrow_filesystem(storage.join(data.shards, "train"), data.storage)
-    parts = []
-    for epoch in range(epochs):
-        ds = ray.data.read_parquet(path, filesystem=fs, columns=["key", "image"])
-        ds = ds.randomize_block_order(seed=stable_seed("blocks", masks.seed, epoch) % (2**31))
-        ds = ds.map_batches(
-            transform_batch,
-            fn_kwargs={"epoch": epoch, "data": data, "masks": masks, "with_keys": with_keys},
-            batch_size=data.batch_rows,
-            batch_format="numpy",
-            zero_copy_batch=True,
-        )
-        parts.append(ds)
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    train_uri = storage.join(data.shards, "train")
+    files = storage.list_files(train_uri, (".parquet",), data.storage)
+    if not files:
+        raise ValueError(f"no Parquet shards under {storage.redact(train_uri)}: run `deepfill prepare` first")
+    items = []
+    for epoch in range(start_epoch, start_epoch + epochs):
+        order = np.random.default_rng(stable_seed("blocks", masks.seed, epoch)).permutation(len(files))
+        items.extend({"epoch": epoch, "file": storage.join(train_uri, files[i])} for i in order)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    return ds.map_batches(
+        _shard_samples,
+        fn_kwargs={"data": data, "masks": masks, "with_keys": with_keys},
+        batch_size=1,
+        batch_format="numpy",
+    )
+
+
+def _shard_samples(item: dict, *, data: DataConfig, masks: MaskConfig, with_keys: bool):
+    """Ray Data generator UDF: one {"epoch", "file"} item -> batches of training samples (transform_batch),
+    ``data.batch_rows`` rows at a time, streamed row group by row group."""
+    import pyarrow.parquet as pq
+
+    epoch, uri = int(item["epoch"][0]), str(item["file"][0])
+    fs, path = storage.pyarrow_filesystem(uri, data.storage)
+    try:
+        with fs.open_input_file(path) as f:
+            for rb in pq.ParquetFile(f).iter_batches(batch_size=data.batch_rows, columns=["key", "image"]):
+                batch = {"key": rb.column("key").to_pylist(), "image": rb.column("image").to_pylist()}
+                out = transform_batch(batch, epoch=epoch, data=data, masks=masks, with_keys=with_keys)
+                if len(out["image"]):
+                    yield out
+    except (OSError, ValueError) as err:  # an unreadable shard: record it, keep training on the others
+        _record_skips([{"key": storage.redact(uri), "reason": f"unreadable_shard: {type(err).__name__}"}])
 
 
 def load_val_set(data: DataConfig, masks: MaskConfig, count: int) -> dict[str, np.ndarray]:

@@ -88,6 +88,11 @@ def test_masks_vary_by_sample_and_epoch_and_repeat_for_the_seed(s3_shards, ray_l
     other = MaskConfig(kind="mixed", seed=8)
     assert any(not (make_sample(rows[k], k, 0, data, other)[1] == by[(k, 0)]["mask"][..., 0]).all() for k in rows)
 
+    # a resumed job asks for its own epoch: the stream starting at epoch 1 repeats epoch 1 exactly
+    resumed = build_train_dataset(data, masks, epochs=1, start_epoch=1, with_keys=True).take_all()
+    assert sorted((r["key"], int(r["epoch"])) for r in resumed) == sorted((k, 1) for k in rows)
+    assert all((r["mask"] == by[(r["key"], 1)]["mask"]).all() for r in resumed)
+
 
 def test_corrupt_rows_are_skipped_and_counted(tmp_path, ray_local, good_images_dir, bad_images_dir):
     bad_root, _ = bad_images_dir

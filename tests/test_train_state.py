@@ -151,3 +151,22 @@ def test_train_epochs_cover_the_steps(tmp_path, steps, n_critic, workers, batch,
     cfg = _tiny_cfg(steps=steps, **{"gan.n_critic": n_critic, "scaling.num_workers": workers,
                                     "batch_size": batch, "data.shards": str(tmp_path)})
     assert T.train_epochs(cfg) == expected
+
+
+def test_a_resumed_job_starts_its_data_at_its_own_epoch(tmp_path):
+    import json
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"counts": {"train": 12, "val": 1}}))
+    cfg = _tiny_cfg(steps=10, **{"gan.n_critic": 1, "scaling.num_workers": 2, "batch_size": 2,
+                                 "data.shards": str(shards)})
+    run = tmp_path / "run"
+    assert T.latest_checkpoint_step(str(run)) == 0  # no run folder yet
+    for step in (2, 6):
+        (run / f"checkpoint_step_{step:08d}").mkdir(parents=True)
+    (run / "checkpoint_tmp_x").mkdir()
+    assert T.latest_checkpoint_step(str(run)) == 6
+    # 3 full batches per worker per pass, 2 batches per step: step 6 has used 12 batches = 4 passes
+    assert T.start_epoch(cfg, 6) == 4
+    assert T.train_epochs(cfg, 6) == 3  # 4 steps left = 8 batches = 3 passes
