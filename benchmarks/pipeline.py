@@ -142,24 +142,24 @@ def bench_dataloader(images: dict[str, bytes], data, masks, repeats: int, batch:
 
 # ------------------------------------------------------------------------------------------- Ray Data
 
-def bench_ray(root: str, data, masks, repeats: int, batch: int) -> float:
+def bench_ray(root: str, data, masks, repeats: int, batch: int, n_images: int) -> float:
+    """Steady-state images/s of one training stream of ``repeats + 1`` epochs, the first epoch (worker
+    start-up) excluded; the rate of each later epoch is one sample and the median is returned."""
     import ray
 
     from pipeline.datasets import build_train_dataset
 
-    ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        rates = []
-        for r in range(repeats + 1):
-            ds = build_train_dataset(data, masks, epochs=1)
-            t = time.perf_counter()
-            n = 0
-            for b in ds.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=data.shuffle_buffer,
-                                           drop_last=True):
-                n += b["image"].shape[0]
-            if r > 0:  # the first pass starts the workers
-                rates.append(n / (time.perf_counter() - t))
+        ds = build_train_dataset(data, masks, epochs=repeats + 1)
+        marks, n = [], 0
+        for b in ds.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=data.shuffle_buffer,
+                                       drop_last=True):
+            n += b["image"].shape[0]
+            if n >= n_images * (len(marks) + 1) - batch // 2:  # an epoch's worth of images delivered
+                marks.append(time.perf_counter())
+        rates = [n_images / (t1 - t0) for t0, t1 in zip(marks, marks[1:])]
         return statistics.median(rates)
     finally:
         ray.shutdown()
@@ -183,7 +183,7 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         pil = bench_pil(list(images.values()), args.repeats)
         loader = bench_dataloader(images, data, masks, args.repeats, args.batch)
-        ray_ips = bench_ray(root, data, masks, args.repeats, args.batch)
+        ray_ips = bench_ray(root, data, masks, args.repeats, args.batch, args.images)
         result = {
             "benchmark": "pipeline",
             "images": args.images,
