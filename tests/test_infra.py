@@ -378,3 +378,111 @@ def test_dockerfile_pins_cuda_torch_and_installs_the_project():
     for tool in ("rsync", "openssh-client", "wget"):
         assert tool in text
     assert IMAGE in text, "the build command in the Dockerfile names the image the manifests use"
+
+
+# --- README -----------------------------------------------------------------------------------------------
+
+README = ROOT / "README.md"
+PATH_PREFIXES = ("configs/", "infra/", "benchmarks/", "jobs/", "ray_cluster.yaml")
+
+
+def readme_blocks(lang: str) -> list[str]:
+    return re.findall(rf"^\s*```{lang}\n(.*?)^\s*```", README.read_text(), re.MULTILINE | re.DOTALL)
+
+
+def readme_commands() -> list[list[str]]:
+    """Every shell command in the README's bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in readme_blocks("bash"):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for line in text.splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def check_deepfill(argv: list[str]) -> None:
+    """Parse ``deepfill ...`` with the real parser; for train, also load the config with its --set overrides."""
+    from jobs.cli import COMMANDS, build_parser
+    from jobs.config import load_config
+
+    command = argv[0]
+    assert command in COMMANDS, argv
+    try:
+        args = build_parser(command).parse_args(argv)
+    except SystemExit as err:
+        raise AssertionError(f"README: `deepfill {shlex.join(argv)}` does not parse") from err
+    if command == "train":
+        from jobs.train import TrainConfig
+
+        load_config(TrainConfig, ROOT / args.config, args.overrides)
+
+
+def check_click(group, argv: list[str]) -> None:
+    """Parse a click command line (ray, mlflow) without running it."""
+    import click
+
+    command = group
+    while isinstance(command, click.Group):
+        name, argv = argv[0], argv[1:]
+        command = command.get_command(click.Context(command), name)
+        assert command is not None, f"README: unknown subcommand {name!r}"
+    try:
+        command.make_context(command.name, list(argv), resilient_parsing=False)
+    except click.exceptions.Exit:
+        pass
+    except click.UsageError as err:
+        raise AssertionError(f"README: {err}") from err
+
+
+def test_readme_commands_exist_and_parse():
+    from ray.scripts.scripts import cli as ray_cli
+
+    makefile = (ROOT / "Makefile").read_text()
+    seen = set()
+    for argv in readme_commands():
+        if argv[0] == "export":
+            continue
+        while argv and re.match(r"^[A-Z_]+=", argv[0]):  # VAR=value prefixes
+            argv = argv[1:]
+        if argv and argv[-1] == "&":
+            argv = argv[:-1]
+        if not argv:
+            continue
+        program = argv[0].removeprefix(".venv/bin/")
+        seen.add(program)
+        for token in argv:
+            if token.startswith(PATH_PREFIXES) and "://" not in token:
+                assert (ROOT / token).exists(), f"README names a missing file: {token}"
+        if program == "deepfill":
+            check_deepfill(argv[1:])
+        elif program == "make":
+            for target in argv[1:]:
+                assert re.search(rf"^{re.escape(target)}:", makefile, re.MULTILINE), f"no make target {target}"
+        elif program == "ray":
+            if "--" in argv:
+                i = argv.index("--")
+                assert argv[i + 1] == "deepfill"
+                check_deepfill(argv[i + 2 :])
+            check_click(ray_cli, argv[1:])
+        elif program == "mlflow":
+            from mlflow.cli import cli as mlflow_cli
+
+            check_click(mlflow_cli, argv[1:])
+        elif program == "python":
+            from jobs import demo
+
+            assert argv[1:3] == ["-m", "jobs.demo"]
+            demo.parse_args(argv[3:])
+    assert {"deepfill", "make", "ray", "mlflow"} <= seen
+
+
+def test_readme_inline_demo_command_and_python_snippets():
+    from jobs import demo
+
+    for cmd in re.findall(r"`\.venv/bin/python -m jobs\.demo([^`]*)`", README.read_text()):
+        demo.parse_args(shlex.split(cmd))
+    for block in readme_blocks("python"):
+        compile(block.replace("\n  ", "\n").strip(), "README.md", "exec")
+    assert (ROOT / "infra" / "docs" / "demo_grid.png").is_file()
