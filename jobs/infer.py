@@ -330,9 +330,9 @@ def plan(opts: InferOptions, storage_options=None) -> tuple[list[dict], list[dic
 def _init_ray():
     import ray
 
-    if not ray.is_initialized():
-        # RAY_ADDRESS joins a running cluster; otherwise start a local one (never a stale /tmp/ray session)
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    from pipeline.cluster import connect
+
+    connect()
     return ray
 
 

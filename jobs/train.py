@@ -24,6 +24,7 @@ A step is one generator step; one step consumes ``(gan.n_critic + 1) * batch_siz
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -639,16 +640,10 @@ def connect_ray(cfg: TrainConfig) -> None:
     Locally, each worker reserves ``scaling.cpus_per_worker`` logical CPUs and the data tasks need some too,
     so at least two more than the workers reserve are declared (logical CPUs, shared by the OS).
     """
-    import ray
+    from pipeline.cluster import connect
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-        return
     want = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, want), include_dashboard=False)
+    connect(num_cpus=max(os.cpu_count() or 1, want))
 
 
 def storage_uri(cfg: TrainConfig) -> str:
@@ -721,6 +716,9 @@ def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
     from pipeline import storage
 
     connect_ray(cfg)
+    if cfg.data.shards and not storage.is_s3(cfg.data.shards):  # Ray Train workers run in their own working directories
+        local = os.path.abspath(os.path.expanduser(cfg.data.shards.removeprefix("file://")))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=local))
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)
     run_uri = storage_uri(cfg)
     if dataset is None:

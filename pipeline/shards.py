@@ -185,6 +185,8 @@ def prepare(src: str, dst: str, *, shard_size_bytes: int = DEFAULT_SHARD_SIZE, v
     import ray
     from tqdm import tqdm
 
+    from pipeline.cluster import connect
+
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if shard_size_bytes <= 0:
@@ -218,6 +220,7 @@ def prepare(src: str, dst: str, *, shard_size_bytes: int = DEFAULT_SHARD_SIZE, v
     log.info("%d shards planned, %d already written, %d to write", len(plan), len(plan) - len(todo), len(todo))
 
     if todo:
+        connect()
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
             _write_shard,
             fn_kwargs={"dst": dst, "options": options, "min_size": min_size, "max_pixels": max_pixels},

@@ -1,0 +1,23 @@
+"""Connecting to Ray: the cluster named by RAY_ADDRESS, or a fresh local one.
+
+A bare ``ray.init()`` would try to join whatever cluster ``/tmp/ray/ray_current_cluster`` names (a stale
+``ray start`` leaves it behind) and hang or fail; every job connects through here instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def connect(num_cpus: int | None = None) -> None:
+    """Join ``$RAY_ADDRESS`` if set, else start a local Ray (``num_cpus`` logical CPUs, default: all cores).
+    Does nothing when Ray is already initialised in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
