@@ -466,6 +466,9 @@ def _debug_fail_once(cfg: TrainConfig, storage_uri: str, step: int) -> None:
     if storage.exists(marker, cfg.data.storage):
         return
     storage.write_bytes_atomic(marker, b"1", cfg.data.storage)
+    # Ray Train's controller registers a reported checkpoint asynchronously; dying right after the report
+    # could make it restart from the checkpoint before. Give it time, so the test exercises a real resume.
+    time.sleep(10)
     log.warning("debug.fail_at_step=%d: this worker exits now (test hook)", step)
     sys.stdout.flush()
     sys.stderr.flush()
