@@ -108,3 +108,14 @@ def bad_images_dir(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A folder of bad or awkward files; yields (folder, {relative key: what it is})."""
     root = tmp_path_factory.mktemp("bad_images")
     return root, write_bad_images(root)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One intra-op torch thread: tiny tensors run fastest so, and the 2-core test machine is shared."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

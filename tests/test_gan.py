@@ -12,14 +12,7 @@ from models.gan import LossWeights, critic_step, frozen, generator_step
 
 SIZE = 32
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and it keeps these tests quick on a busy 2-core machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _setup(seed: int = 0):

@@ -7,14 +7,7 @@ import torch.nn.functional as F
 
 from models import ContextualAttention, flow_to_image
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: far faster than two on the shared, oversubscribed 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def naive_attention(f, b, mask, ksize=3, rate=2, fuse_k=3, scale=10.0, fuse=True):

@@ -5,14 +5,7 @@ import torch
 
 from models import GlobalCritic, InpaintGenerator, LocalCritic, crop_around_holes, hole_crop_corners, losses
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: far faster than two on the shared, oversubscribed 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(B, H, W, seed=0):

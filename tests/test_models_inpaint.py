@@ -8,13 +8,7 @@ import torch
 
 from models import InpaintGenerator, checkpoint, inpaint, to_model_range, to_uint8
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
