@@ -3,7 +3,8 @@
 Images per second, side by side in one run on the same ~512 px JPEGs (made from scikit-image's photos):
 
 - ``ray_data``: pipeline.datasets.build_train_dataset (Parquet shards -> decode + augment + mask + loss
-  weights in Ray Data tasks) on a local Ray with 2 CPUs, consumed with iter_torch_batches as a trainer does;
+  weights in a pool of 2 Ray Data actors) on a local Ray with 2 CPUs, consumed with iter_torch_batches and
+  a local shuffle buffer as a trainer does;
 - ``pil_decode``: the decode limit: the same JPEGs decoded by PIL in a tight loop on 2 processes;
 - ``dataloader``: a torch DataLoader with 2 workers running the same per-sample work (make_sample).
 
@@ -143,8 +144,9 @@ def bench_dataloader(images: dict[str, bytes], data, masks, repeats: int, batch:
 # ------------------------------------------------------------------------------------------- Ray Data
 
 def bench_ray(root: str, data, masks, repeats: int, batch: int, n_images: int) -> float:
-    """Steady-state images/s of one training stream of ``repeats + 1`` epochs, the first epoch (worker
-    start-up) excluded; the rate of each later epoch is one sample and the median is returned."""
+    """Steady-state images/s of one training stream of ``repeats + 2`` epochs: the first epoch (actor
+    start-up) and the last (which drains blocks made ahead during the one before) are excluded; the rate
+    of each epoch between is one sample and the median is returned."""
     import ray
 
     from pipeline.datasets import build_train_dataset
@@ -152,14 +154,14 @@ def bench_ray(root: str, data, masks, repeats: int, batch: int, n_images: int) -
     ray.init(address="local", num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        ds = build_train_dataset(data, masks, epochs=repeats + 1)
+        ds = build_train_dataset(data, masks, epochs=repeats + 2)
         marks, n = [], 0
         for b in ds.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=data.shuffle_buffer,
                                        drop_last=True):
             n += b["image"].shape[0]
             if n >= n_images * (len(marks) + 1) - batch // 2:  # an epoch's worth of images delivered
                 marks.append(time.perf_counter())
-        rates = [n_images / (t1 - t0) for t0, t1 in zip(marks, marks[1:])]
+        rates = [n_images / (t1 - t0) for t0, t1 in zip(marks, marks[1:])][:repeats]
         return statistics.median(rates)
     finally:
         ray.shutdown()
@@ -178,7 +180,9 @@ def main() -> None:
     images = make_jpegs(args.images)
     with tempfile.TemporaryDirectory() as root:
         write_shards(images, root)
-        data = DataConfig(shards=root, crop_size=args.crop, shuffle_buffer=2 * args.batch, batch_rows=16)
+        # as many decode actors as the DataLoader has workers
+        data = DataConfig(shards=root, crop_size=args.crop, shuffle_buffer=2 * args.batch, batch_rows=16,
+                          decode_workers=CPUS)
         masks = MaskConfig(kind="mixed", seed=0)
         load_before = os.getloadavg()[0]
         pil = bench_pil(list(images.values()), args.repeats)

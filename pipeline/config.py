@@ -46,7 +46,8 @@ class DataConfig:
     flip: bool = True  # random horizontal flip
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit when decoding
     val_count: int = 16  # images in the fixed validation set
-    batch_rows: int = 16  # rows per map_batches call in the decode/augment tasks
+    batch_rows: int = 16  # rows per output batch of the decode/augment workers
+    decode_workers: int = 0  # decode/augment actors (1 CPU each); 0 = autoscale from 1 to the free CPUs
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self):
@@ -62,6 +63,8 @@ class DataConfig:
             raise ValueError(f"data.val_count must be >= 0, got {self.val_count}")
         if self.batch_rows <= 0:
             raise ValueError(f"data.batch_rows must be positive, got {self.batch_rows}")
+        if self.decode_workers < 0:
+            raise ValueError(f"data.decode_workers must be >= 0 (0 = autoscale), got {self.decode_workers}")
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """Training and validation data from prepared shards.
 
 ``build_train_dataset`` streams ``<shards>/train/*.parquet`` through Ray Data: one item per (epoch, shard),
-each epoch's shards in a seeded random order, and one CPU task per item that streams the shard's row groups
-through decode + augment + mask + loss weights, drawing crops and masks from (seed, epoch, key), so masks and
-crops differ between epochs and repeat exactly for the same ``masks.seed``. Rows that fail to decode are
+each epoch's shards in a seeded random order, and a pool of decode actors (one CPU each) that stream each
+item's row groups through decode + augment + mask + loss weights, drawing crops and masks from (seed, epoch,
+key), so masks and crops differ between epochs and repeat exactly for the same ``masks.seed``. Rows that fail to decode are
 skipped, counted and logged, never fatal (a per-row try/except: Ray's ``max_errored_blocks`` would drop
 whole blocks). Training workers consume it with::
 
@@ -168,9 +168,11 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     iter_torch_batches, which cannot batch strings).
 
     One Ray Data pipeline for all epochs: its items are (epoch, shard file) pairs, each epoch's shards in
-    their own seeded order (the block-order shuffle), and one CPU task per item streams the shard's row
-    groups through decode + augment + mask + loss weights, drawing crops and masks from
-    (masks.seed, epoch, key). So each epoch differs, the same seed repeats, a resumed job starts at its own
+    their own seeded order (the block-order shuffle), and an actor pool (``data.decode_workers`` actors of
+    one CPU, or autoscaling from 1 to the free CPUs) streams each item's row groups through decode + augment
+    + mask + loss weights, drawing crops and masks from (masks.seed, epoch, key). Actors rather than tasks:
+    each actor has its next items queued while it works, where a task per item left its CPU idle for
+    ~0.3 s between items on a 2-CPU machine (benchmarks/pipeline.py). So each epoch differs, the same seed repeats, a resumed job starts at its own
     epoch, and a shard that cannot be read is skipped and recorded like a bad row instead of failing the
     plan on the driver.
     """
@@ -190,13 +192,28 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     for epoch in range(start_epoch, start_epoch + epochs):
         order = np.random.default_rng(stable_seed("blocks", masks.seed, epoch)).permutation(len(files))
         items.extend({"epoch": epoch, "file": storage.join(train_uri, files[i])} for i in order)
+    if data.decode_workers:
+        pool = ray.data.ActorPoolStrategy(size=data.decode_workers)
+    else:
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=None)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
-        _shard_samples,
-        fn_kwargs={"data": data, "masks": masks, "with_keys": with_keys},
+        ShardSampler,
+        fn_constructor_kwargs={"data": data, "masks": masks, "with_keys": with_keys},
         batch_size=1,
         batch_format="numpy",
+        compute=pool,
     )
+
+
+class ShardSampler:
+    """Ray Data actor UDF: one {"epoch", "file"} item -> batches of training samples (``_shard_samples``)."""
+
+    def __init__(self, *, data: DataConfig, masks: MaskConfig, with_keys: bool = False):
+        self.data, self.masks, self.with_keys = data, masks, with_keys
+
+    def __call__(self, item: dict):
+        yield from _shard_samples(item, data=self.data, masks=self.masks, with_keys=self.with_keys)
 
 
 def _shard_samples(item: dict, *, data: DataConfig, masks: MaskConfig, with_keys: bool):

@@ -20,6 +20,7 @@ import io
 import warnings
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
@@ -56,8 +57,8 @@ class ImageInfo:
     format: str  # PIL's format name: "JPEG", "PNG", "WEBP", ...
 
 
-def _open_validated(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
-    """Open, check the header, decode every pixel and apply EXIF orientation; raise ImageRejected."""
+def _open_header(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
+    """Open lazily (header only) and check it: size, decompression bomb, minimum size; raise ImageRejected."""
     if not data:
         raise ImageRejected("empty", "zero bytes")
     try:
@@ -77,6 +78,12 @@ def _open_validated(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
         raise ImageRejected("decompression_bomb", f"{width}x{height} is over {max_pixels} pixels")
     if min(width, height) < min_size:
         raise ImageRejected("too_small", f"{width}x{height} is below {min_size} px on its short side")
+    return img
+
+
+def _open_validated(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
+    """Open, check the header, decode every pixel and apply EXIF orientation; raise ImageRejected."""
+    img = _open_header(data, max_pixels, min_size)
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone turned truncation tolerance on globally: we still want it off
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; decode_image needs it False")
     try:
@@ -135,7 +142,35 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size:
     "too_small" | "unsupported_mode"). Headers claiming more than ``max_pixels`` pixels are rejected
     before any pixel is decoded; ``min_size`` is the least allowed short side.
     """
+    arr = _decode_plain_jpeg(data, _open_header(data, max_pixels, min_size))
+    if arr is not None:
+        return arr
     return _to_rgb(_open_validated(data, max_pixels, min_size))
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _decode_plain_jpeg(data: bytes, header: Image.Image) -> np.ndarray | None:
+    """The fast path for the common case, a complete RGB or grayscale JPEG with no EXIF rotation: OpenCV
+    decodes it straight into an array (the same libjpeg-turbo pixels as PIL, ~1.5x faster without PIL's two
+    copies; a test checks the two paths agree). None for anything else, which takes the PIL path.
+
+    A file must end with the JPEG end-of-image marker to come here, so a truncated one is left to PIL,
+    which rejects it (OpenCV would fill the missing rows with grey).
+    """
+    if header.format != "JPEG" or header.mode not in ("RGB", "L") or not data.endswith(b"\xff\xd9"):
+        return None
+    try:
+        if header.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return None
+    except Exception:  # noqa: BLE001 - a malformed EXIF block: PIL's path reports it
+        return None
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
+    width, height = header.size
+    if arr is None or arr.shape != (height, width, 3) or arr.dtype != np.uint8:
+        return None
+    return arr
 
 
 def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 0) -> ImageInfo:

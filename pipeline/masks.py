@@ -227,10 +227,20 @@ def loss_weights(mask: np.ndarray, gamma: float = 0.9) -> np.ndarray:
     mask = np.ascontiguousarray(mask, dtype=np.uint8)
     if mask.ndim != 2:
         raise ValueError(f"loss_weights expects an (H, W) mask, got shape {mask.shape}")
-    if mask.size and mask.min() > 0:
-        return np.ones(mask.shape, np.float32)
-    dist = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # 0 on known pixels
+    weights = np.ones(mask.shape, np.float32)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0 or mask.min() > 0:  # no hole, or no known pixel: 1 everywhere
+        return weights
+    # Only the holes' bounding box plus a 1-pixel ring needs the distance transform: every pixel outside
+    # the box is known, and the nearest one to a hole pixel is never farther than the ring.
+    y0, y1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, mask.shape[0])
+    x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, mask.shape[1])
+    dist = cv2.distanceTransform(mask[y0:y1, x0:x1], cv2.DIST_L2, cv2.DIST_MASK_PRECISE)  # 0 on known pixels
     # OpenCV's float result can differ in the last bit from call to call; squared distances between pixel
-    # centres are integers, so rounding them makes the weights exact and bit-for-bit repeatable.
-    dist = np.sqrt(np.rint(np.square(dist, dtype=np.float64))).astype(np.float32)
-    return np.power(np.float32(gamma), dist, dtype=np.float32)
+    # centres are integers, so rounding them makes the weights exact and bit-for-bit repeatable, and a
+    # table over the integer squared distances replaces a power per pixel.
+    d2 = np.rint(np.square(dist, dtype=np.float64)).astype(np.int64)
+    table = np.sqrt(np.arange(int(d2.max()) + 1, dtype=np.float64)).astype(np.float32)
+    table = np.power(np.float32(gamma), table, dtype=np.float32)
+    weights[y0:y1, x0:x1] = table[d2]
+    return weights

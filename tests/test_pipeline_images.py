@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageRejected, decode_image, decode_mask, probe_image
+from pipeline.images import ImageRejected, _decode_plain_jpeg, decode_image, decode_mask, probe_image
 from pipeline.storage import join, list_files, read_bytes, redact, write_bytes_atomic
 from tests.imaging import AWKWARD, BAD, GOOD_PHOTOS, SMALL, encode, photo, png_bomb
 
@@ -55,6 +55,33 @@ def test_awkward_images_convert_to_rgb(bad_images_dir):
     assert rotated.shape == (256, 128, 3)  # stored 256 wide x 128 high, orientation 6 -> displayed 128 x 256
     expect = np.rot90(BASE[:128], k=-1)  # 90 degrees clockwise
     assert np.abs(rotated.astype(int) - expect).mean() < 8
+
+
+@pytest.mark.parametrize("options", [{}, {"subsampling": 0}, {"progressive": True}, {"quality": 40}, {"gray": True}])
+def test_jpeg_fast_path_gives_pils_pixels(options):
+    """decode_image reads plain JPEGs through OpenCV: the pixels must be exactly PIL's."""
+    options = dict(options)
+    img = Image.fromarray(BASE).convert("L") if options.pop("gray", False) else Image.fromarray(BASE)
+    data = encode(img, "JPEG", **options)
+    ours = decode_image(data)
+    with Image.open(io.BytesIO(data)) as ref:
+        assert _decode_plain_jpeg(data, ref) is not None  # the fast path did take it
+        expect = np.asarray(ref.convert("RGB"))
+    assert ours.dtype == np.uint8 and ours.shape == expect.shape and (ours == expect).all()
+
+
+def test_jpegs_the_fast_path_must_not_take_still_decode_right(bad_images_dir):
+    """Truncated (no end-of-image marker), EXIF-rotated and CMYK JPEGs go through PIL."""
+    root, _ = bad_images_dir
+    data = encode(Image.fromarray(BASE), "JPEG", quality=90)
+    for other in (data[: len(data) * 2 // 3], _read(root, AWKWARD["exif_rotated"]), _read(root, AWKWARD["cmyk"])):
+        with Image.open(io.BytesIO(other)) as header:
+            assert _decode_plain_jpeg(other, header) is None
+    with pytest.raises(ImageRejected) as err:
+        decode_image(data[: len(data) * 2 // 3])
+    assert err.value.reason == "truncated"
+    assert decode_image(data + b"\0\0").shape == (256, 256, 3)  # trailing bytes after the end marker
+    assert decode_image(_read(root, AWKWARD["exif_rotated"])).shape == (256, 128, 3)
 
 
 def test_palette_with_transparency_and_adobe_cmyk():

@@ -102,6 +102,21 @@ def test_loss_weights_match_the_formula():
     assert all((loss_weights(big, 0.9) == first).all() for _ in range(20))  # bit-for-bit repeatable
 
 
+def test_loss_weights_of_holes_at_the_border_and_in_a_corner():
+    """The distance transform runs on the holes' bounding box plus a ring: holes touching the border, a
+    corner, or spanning the image must still get the exact distances."""
+    cases = []
+    for rows, cols in [(slice(0, 9), slice(0, 12)), (slice(5, 20), slice(14, 24)), (slice(0, 20), slice(3, 7)),
+                       (slice(2, 3), slice(0, 24)), (slice(0, 20), slice(0, 23))]:
+        m = np.zeros((20, 24), np.uint8)
+        m[rows, cols] = 1
+        cases.append(m)
+    rng = np.random.default_rng(3)
+    cases.append((rng.random((20, 24)) < 0.6).astype(np.uint8))
+    for m in cases:
+        np.testing.assert_allclose(loss_weights(m, 0.9), _brute_force_weights(m, 0.9), rtol=1e-5)
+
+
 def test_loss_weights_agree_with_models_spatial_discount():
     masks = [generate_mask(kind, 64, 48, mask_rng(0, 0, kind)) for kind in ("box", "strokes", "mixed", "thick")]
     masks.append(np.ones((16, 16), np.uint8))  # no known pixel
