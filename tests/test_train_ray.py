@@ -6,6 +6,7 @@ model (cnum 8, 64x64 crops, 2 images per batch, one critic step per generator st
 
 from __future__ import annotations
 
+import io
 import shutil
 import uuid
 from pathlib import Path
@@ -71,16 +72,21 @@ def _steps(client, run_id, key="g_loss"):
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_cli_trains_on_s3_and_registers_a_model_that_inpaints_any_size(ray_local, train_shards, s3_bucket,
-                                                                       tmp_path, monkeypatch):
+def test_cli_trains_on_s3_registers_a_model_that_inpaints_any_size_and_a_rerun_resumes(
+        ray_local, train_shards, s3_bucket, tmp_path, monkeypatch):
+    """One job on S3 through the CLI, then the same job started again with more steps (the resume case: it
+    continues at its last checkpoint in the bucket, in the same MLflow run; one test, to start Ray Train
+    once less)."""
     import mlflow
+    import torch
 
     from pipeline import storage
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    code = cli.main(["train", "--config", str(TINY), "--set", f"data.shards={train_shards}",
-                     "--set", f"checkpoint.storage_path={s3_bucket}/runs", "--set", f"tracking.uri={uri}",
-                     "--set", "steps=2", "--set", "tracking.registered_model=tiny-e2e", "--set", "name=e2e"])
+    job = ["train", "--config", str(TINY), "--set", f"data.shards={train_shards}",
+           "--set", f"checkpoint.storage_path={s3_bucket}/runs", "--set", f"tracking.uri={uri}",
+           "--set", "tracking.registered_model=tiny-e2e", "--set", "name=e2e"]
+    code = cli.main([*job, "--set", "steps=2"])
     assert code == 0
 
     # checkpoints (with the standalone generator file) are in the bucket
@@ -116,18 +122,16 @@ def test_cli_trains_on_s3_and_registers_a_model_that_inpaints_any_size(ray_local
     assert np.array_equal(out[mask[..., 0] == 0], image[mask[..., 0] == 0])
     assert not np.array_equal(out[mask[..., 0] == 1], image[mask[..., 0] == 1])
 
-
-def test_a_job_started_again_resumes_at_its_last_checkpoint(ray_local, train_shards, tmp_path):
-    first = T.train(_tiny(tmp_path, train_shards, "steps=2", "name=resume"))
-    assert first.step == 2
-    second = T.train(_tiny(tmp_path, train_shards, "steps=4", "name=resume"))
-    assert second.step == 4 and second.mlflow_run_id == first.mlflow_run_id
-    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "deepfill-tiny")
+    # started again with more steps, the job resumes at its step-2 checkpoint in the bucket
+    assert cli.main([*job, "--set", "steps=4"]) == 0
+    client, runs = _runs(uri, "deepfill-tiny")
     assert len(runs) == 1  # one job, one MLflow run
     # steps 1 and 2 were trained once: the second job continued at step 2, it did not start over
-    assert _steps(client, runs[0].info.run_id) == [1, 2, 3, 4]
-    state = T.load_train_state(second.checkpoint)
-    assert state["step"] == 4 and state["mlflow_run_id"] == first.mlflow_run_id
+    assert _steps(client, run.info.run_id) == [1, 2, 3, 4]
+    blob = storage.read_bytes(f"{s3_bucket}/runs/e2e/checkpoint_step_00000004/{T.TRAIN_STATE_FILENAME}")
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    assert state["step"] == 4 and state["mlflow_run_id"] == run.info.run_id
+    assert client.get_model_version_by_alias("tiny-e2e", "candidate").version == "2"  # the alias moved on
 
 
 def test_a_worker_that_dies_is_replaced_and_the_run_resumes_from_the_last_checkpoint(ray_local, train_shards,
