@@ -333,6 +333,27 @@ def load_train_state(folder: str | Path, map_location: str = "cpu") -> dict:
     return state
 
 
+def read_checkpoint_state(checkpoint, map_location: str = "cpu") -> dict:
+    """``train_state.pt`` of a Ray Train checkpoint, read by this process straight from the checkpoint's
+    filesystem (local or S3) into memory, then loaded with ``weights_only=True``.
+
+    Not ``Checkpoint.as_directory()``: for a remote checkpoint it downloads into one folder per node shared
+    by the node's workers, and a rank resuming while another still wrote the file read a torn zip (seen in
+    the S3 resume test).
+    """
+    import io
+
+    import torch
+
+    path = f"{checkpoint.path.rstrip('/')}/{TRAIN_STATE_FILENAME}"
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        blob = f.read()
+    state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
+    if state.get("format") != STATE_FORMAT:
+        raise ValueError(f"{checkpoint.path}: not a deepfill-ray training checkpoint (format {state.get('format')!r})")
+    return state
+
+
 def to_model_batch(batch: dict, device):
     """A pipeline batch -> model tensors on ``device``.
 
@@ -499,8 +520,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state, start_step, run_id = None, 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_train_state(folder)
+        state = read_checkpoint_state(checkpoint)
         generator.load_state_dict(state["generator"])
         local_critic.load_state_dict(state["local_critic"])
         global_critic.load_state_dict(state["global_critic"])

@@ -47,7 +47,9 @@ class DataConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit when decoding
     val_count: int = 16  # images in the fixed validation set
     batch_rows: int = 16  # rows per output batch of the decode/augment workers
-    decode_workers: int = 0  # decode/augment actors (1 CPU each); 0 = autoscale from 1 to the free CPUs
+    decode_pool: str = "actors"  # "actors": a standing pool, no idle gap between shards (long jobs);
+    #                              "tasks": one Ray task per shard, nothing to start up (short jobs, tests)
+    decode_workers: int = 0  # decode actors (1 CPU each); 0 = autoscale from 1 to the free CPUs
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self):
@@ -63,6 +65,8 @@ class DataConfig:
             raise ValueError(f"data.val_count must be >= 0, got {self.val_count}")
         if self.batch_rows <= 0:
             raise ValueError(f"data.batch_rows must be positive, got {self.batch_rows}")
+        if self.decode_pool not in ("actors", "tasks"):
+            raise ValueError(f"data.decode_pool must be 'actors' or 'tasks', got {self.decode_pool!r}")
         if self.decode_workers < 0:
             raise ValueError(f"data.decode_workers must be >= 0 (0 = autoscale), got {self.decode_workers}")
 

@@ -170,9 +170,10 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     One Ray Data pipeline for all epochs: its items are (epoch, shard file) pairs, each epoch's shards in
     their own seeded order (the block-order shuffle), and an actor pool (``data.decode_workers`` actors of
     one CPU, or autoscaling from 1 to the free CPUs) streams each item's row groups through decode + augment
-    + mask + loss weights, drawing crops and masks from (masks.seed, epoch, key). Actors rather than tasks:
-    each actor has its next items queued while it works, where a task per item left its CPU idle for
-    ~0.3 s between items on a 2-CPU machine (benchmarks/pipeline.py). So each epoch differs, the same seed repeats, a resumed job starts at its own
+    + mask + loss weights, drawing crops and masks from (masks.seed, epoch, key). Actors by default: each
+    actor has its next items queued while it works, where a task per item left its CPU idle for ~0.3 s
+    between items on a 2-CPU machine (benchmarks/pipeline.py); ``data.decode_pool="tasks"`` runs one task
+    per item instead, which skips the actors' start-up (a few seconds: short jobs and tests). So each epoch differs, the same seed repeats, a resumed job starts at its own
     epoch, and a shard that cannot be read is skipped and recorded like a bad row instead of failing the
     plan on the driver.
     """
@@ -192,11 +193,14 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     for epoch in range(start_epoch, start_epoch + epochs):
         order = np.random.default_rng(stable_seed("blocks", masks.seed, epoch)).permutation(len(files))
         items.extend({"epoch": epoch, "file": storage.join(train_uri, files[i])} for i in order)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    if data.decode_pool == "tasks":  # one task per item: nothing to start, an idle gap between items
+        return ds.map_batches(_shard_samples, fn_kwargs={"data": data, "masks": masks, "with_keys": with_keys},
+                              batch_size=1, batch_format="numpy")
     if data.decode_workers:
         pool = ray.data.ActorPoolStrategy(size=data.decode_workers)
     else:
         pool = ray.data.ActorPoolStrategy(min_size=1, max_size=None)
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(
         ShardSampler,
         fn_constructor_kwargs={"data": data, "masks": masks, "with_keys": with_keys},

@@ -3,6 +3,8 @@ iter_torch_batches, masks per sample / epoch / seed, loss weights, corrupt rows 
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 
 import numpy as np
@@ -68,7 +70,7 @@ def test_batches_through_iter_torch_batches(s3_shards, ray_local):
 
 def test_masks_vary_by_sample_and_epoch_and_repeat_for_the_seed(s3_shards, ray_local):
     root, rows = s3_shards
-    data = DataConfig(shards=root, crop_size=CROP)
+    data = DataConfig(shards=root, crop_size=CROP, decode_pool="tasks")  # the same samples as actors make
     masks = MaskConfig(kind="mixed", seed=7, gamma=0.9)
     got = build_train_dataset(data, masks, epochs=2, with_keys=True).take_all()
     by = {(r["key"], int(r["epoch"])): r for r in got}
@@ -88,10 +90,14 @@ def test_masks_vary_by_sample_and_epoch_and_repeat_for_the_seed(s3_shards, ray_l
     other = MaskConfig(kind="mixed", seed=8)
     assert any(not (make_sample(rows[k], k, 0, data, other)[1] == by[(k, 0)]["mask"][..., 0]).all() for k in rows)
 
-    # a resumed job asks for its own epoch: the stream starting at epoch 1 repeats epoch 1 exactly
-    resumed = build_train_dataset(data, masks, epochs=1, start_epoch=1, with_keys=True).take_all()
+    # a resumed job asks for its own epoch: the stream starting at epoch 1 repeats epoch 1 exactly, and the
+    # decode actors (the default pool; the stream above ran on tasks) make exactly the same samples
+    actors = dataclasses.replace(data, decode_pool="actors")
+    resumed = build_train_dataset(actors, masks, epochs=1, start_epoch=1, with_keys=True).take_all()
     assert sorted((r["key"], int(r["epoch"])) for r in resumed) == sorted((k, 1) for k in rows)
-    assert all((r["mask"] == by[(r["key"], 1)]["mask"]).all() for r in resumed)
+    for r in resumed:
+        for name in ("image", "mask", "weight"):
+            assert (r[name] == by[(r["key"], 1)][name]).all()
 
 
 def test_corrupt_rows_are_skipped_and_counted(tmp_path, ray_local, good_images_dir, bad_images_dir):
@@ -100,7 +106,7 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, ray_local, good_images_d
     bad = {k: (bad_root / BAD[k]).read_bytes() for k in ("truncated", "corrupt", "not_image")}
     _write_shard(str(tmp_path / "train" / "part-00000-of-00001.parquet"), {**good, **bad})
     reset_skipped_rows()
-    data = DataConfig(shards=str(tmp_path), crop_size=CROP)
+    data = DataConfig(shards=str(tmp_path), crop_size=CROP, decode_pool="tasks")
     got = build_train_dataset(data, MaskConfig(kind="box", seed=0), with_keys=True).take_all()
     assert sorted(r["key"] for r in got) == sorted(good)  # the bad rows are gone, the rest survive
     for r in got:  # box masks at 64: a 32 px box shrunk by 0..4 px per side
@@ -109,6 +115,13 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, ray_local, good_images_d
     assert skipped["count"] == 3
     assert {r["key"]: r["reason"] for r in skipped["rows"]} == {
         "truncated": "truncated", "corrupt": "corrupt", "not_image": "not_an_image"}
+
+
+def test_decode_pool_options_are_checked():
+    with pytest.raises(ValueError, match="decode_pool"):
+        DataConfig(decode_pool="threads")
+    with pytest.raises(ValueError, match="decode_workers"):
+        DataConfig(decode_workers=-1)
 
 
 def test_val_set_is_fixed(s3_shards):

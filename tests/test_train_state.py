@@ -20,6 +20,30 @@ def _tiny_cfg(**over):
     return load_config(T.TrainConfig, None, sets)
 
 
+def test_ray_checkpoints_are_read_in_memory_from_a_folder_and_from_s3(tmp_path, s3_bucket):
+    """read_checkpoint_state reads train_state.pt through the checkpoint's own filesystem (no shared
+    download folder), from a local Ray Train checkpoint and from one in the S3 test server."""
+    import ray.train
+
+    from pipeline import storage
+
+    cfg = _tiny_cfg()
+    gen, local, glob = T.build_networks(cfg)
+    opt_g, opt_d = T.build_optimizers(cfg, gen, local, glob)
+    T.save_train_state(tmp_path / "ck", generator=gen, local_critic=local, global_critic=glob, opt_g=opt_g,
+                       opt_d=opt_d, step=3, rng=[T.rng_state()], config=to_dict(cfg), mlflow_run_id="r1")
+    state = T.read_checkpoint_state(ray.train.Checkpoint.from_directory(str(tmp_path / "ck")))
+    assert state["step"] == 3 and state["mlflow_run_id"] == "r1"
+    uri = f"{s3_bucket}/ck/checkpoint_step_00000003"
+    for name in (T.TRAIN_STATE_FILENAME, T.GENERATOR_FILENAME):
+        storage.write_bytes_atomic(f"{uri}/{name}", (tmp_path / "ck" / name).read_bytes())
+    fs, path = storage.pyarrow_filesystem(uri)
+    remote = T.read_checkpoint_state(ray.train.Checkpoint(path=path, filesystem=fs))
+    assert remote["step"] == 3
+    for a, b in zip(state["generator"].values(), remote["generator"].values()):
+        assert torch.equal(a, b)
+
+
 def test_train_state_round_trips_and_loads_weights_only(tmp_path):
     cfg = _tiny_cfg()
     gen, local, glob = T.build_networks(cfg)
