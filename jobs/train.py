@@ -328,8 +328,12 @@ def load_train_state(folder: str | Path, map_location: str = "cpu") -> dict:
     import torch
 
     state = torch.load(Path(folder) / TRAIN_STATE_FILENAME, map_location=map_location, weights_only=True)
+    return _checked_state(state, folder)
+
+
+def _checked_state(state: dict, where) -> dict:
     if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder}: not a deepfill-ray training checkpoint (format {state.get('format')!r})")
+        raise ValueError(f"{where}: not a deepfill-ray training checkpoint (format {state.get('format')!r})")
     return state
 
 
@@ -349,9 +353,7 @@ def read_checkpoint_state(checkpoint, map_location: str = "cpu") -> dict:
     with checkpoint.filesystem.open_input_stream(path) as f:
         blob = f.read()
     state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=True)
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{checkpoint.path}: not a deepfill-ray training checkpoint (format {state.get('format')!r})")
-    return state
+    return _checked_state(state, checkpoint.path)
 
 
 def to_model_batch(batch: dict, device):
