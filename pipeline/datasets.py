@@ -2,10 +2,10 @@
 
 ``build_train_dataset`` streams ``<shards>/train/*.parquet`` through Ray Data: one item per (epoch, shard),
 each epoch's shards in a seeded random order, and a pool of decode actors (one CPU each) that stream each
-item's row groups through decode + augment + mask + loss weights, drawing crops and masks from (seed, epoch,
-key), so masks and crops differ between epochs and repeat exactly for the same ``masks.seed``. Rows that fail to decode are
-skipped, counted and logged, never fatal (a per-row try/except: Ray's ``max_errored_blocks`` would drop
-whole blocks). Training workers consume it with::
+item's row groups through decode + augment + mask + loss weights, drawing crops and masks from (seed,
+epoch, key), so masks and crops differ between epochs and repeat exactly for the same ``masks.seed``. Rows
+that fail to decode are skipped, counted and logged, never fatal (a per-row try/except: Ray's
+``max_errored_blocks`` would drop whole blocks). Training workers consume it with::
 
     ray.train.get_dataset_shard("train").iter_torch_batches(
         batch_size=B, local_shuffle_buffer_size=data.shuffle_buffer, drop_last=True)
@@ -173,9 +173,9 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     + mask + loss weights, drawing crops and masks from (masks.seed, epoch, key). Actors by default: each
     actor has its next items queued while it works, where a task per item left its CPU idle for ~0.3 s
     between items on a 2-CPU machine (benchmarks/pipeline.py); ``data.decode_pool="tasks"`` runs one task
-    per item instead, which skips the actors' start-up (a few seconds: short jobs and tests). So each epoch differs, the same seed repeats, a resumed job starts at its own
-    epoch, and a shard that cannot be read is skipped and recorded like a bad row instead of failing the
-    plan on the driver.
+    per item instead, which skips the actors' start-up (a few seconds: short jobs and tests). So each epoch
+    differs, the same seed repeats, a resumed job starts at its own epoch, and a shard that cannot be read
+    is skipped and recorded like a bad row instead of failing the plan on the driver.
     """
     import ray
 
@@ -194,20 +194,13 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
         order = np.random.default_rng(stable_seed("blocks", masks.seed, epoch)).permutation(len(files))
         items.extend({"epoch": epoch, "file": storage.join(train_uri, files[i])} for i in order)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
+    kwargs = {"data": data, "masks": masks, "with_keys": with_keys}
     if data.decode_pool == "tasks":  # one task per item: nothing to start, an idle gap between items
-        return ds.map_batches(_shard_samples, fn_kwargs={"data": data, "masks": masks, "with_keys": with_keys},
-                              batch_size=1, batch_format="numpy")
-    if data.decode_workers:
-        pool = ray.data.ActorPoolStrategy(size=data.decode_workers)
-    else:
-        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=None)
-    return ds.map_batches(
-        ShardSampler,
-        fn_constructor_kwargs={"data": data, "masks": masks, "with_keys": with_keys},
-        batch_size=1,
-        batch_format="numpy",
-        compute=pool,
-    )
+        return ds.map_batches(_shard_samples, fn_kwargs=kwargs, batch_size=1, batch_format="numpy")
+    pool = (ray.data.ActorPoolStrategy(size=data.decode_workers) if data.decode_workers
+            else ray.data.ActorPoolStrategy(min_size=1, max_size=None))
+    return ds.map_batches(ShardSampler, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="numpy",
+                          compute=pool)
 
 
 class ShardSampler:

@@ -83,7 +83,11 @@ def _open_header(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
 
 def _open_validated(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
     """Open, check the header, decode every pixel and apply EXIF orientation; raise ImageRejected."""
-    img = _open_header(data, max_pixels, min_size)
+    return _load_validated(_open_header(data, max_pixels, min_size))
+
+
+def _load_validated(img: Image.Image) -> Image.Image:
+    """Decode every pixel of an image ``_open_header`` checked and apply EXIF orientation; raise ImageRejected."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone turned truncation tolerance on globally: we still want it off
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; decode_image needs it False")
     try:
@@ -142,10 +146,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size:
     "too_small" | "unsupported_mode"). Headers claiming more than ``max_pixels`` pixels are rejected
     before any pixel is decoded; ``min_size`` is the least allowed short side.
     """
-    arr = _decode_plain_jpeg(data, _open_header(data, max_pixels, min_size))
-    if arr is not None:
-        return arr
-    return _to_rgb(_open_validated(data, max_pixels, min_size))
+    header = _open_header(data, max_pixels, min_size)
+    arr = _decode_plain_jpeg(data, header)
+    return arr if arr is not None else _to_rgb(_load_validated(header))
 
 
 _EXIF_ORIENTATION = 0x0112
