@@ -279,8 +279,32 @@ def _diag_pass(X, pos, targets, shift, fk, Lb):
     terms = []
     for d in range(-fk, fk + 1):
         src, ok = shift(targets, d)
-        terms.append((d, pos[src], None if bool(ok.all()) else ok))
+        idx = pos[src]
+        terms.append((d, idx, None if bool(ok.all()) else ok, _row_runs(idx, ok)))
     return _DiagPass.apply(X, terms, Lb)
+
+
+_MAX_RUNS = 64  # above this many runs a term gathers its rows with one index_select instead
+
+
+def _row_runs(idx: torch.Tensor, ok: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """Split a gather of rows idx (only where ok) into runs of consecutive rows: [(t0, t1, s0)] meaning
+    rows t0..t1-1 of the output read rows s0..s0+t1-t0-1 of the source. None when there are more than
+    _MAX_RUNS runs. Unchunked, a pass has 1-3 runs per shift; reading them as slices saves a copy."""
+    idx, ok = idx.cpu(), ok.cpu()
+    n = idx.numel()
+    brk = torch.ones(n, dtype=torch.bool)
+    brk[1:] = (idx[1:] != idx[:-1] + 1) | (ok[1:] != ok[:-1])
+    starts = brk.nonzero().flatten().tolist()
+    if len(starts) > 2 * _MAX_RUNS:
+        return None
+    runs = [(a, b, int(idx[a])) for a, b in zip(starts, starts[1:] + [n]) if bool(ok[a])]
+    return runs if len(runs) <= _MAX_RUNS else None
+
+
+def _lanes(d: int, Lb: int) -> tuple[slice, slice]:
+    """(out columns, x columns) for out[:, :, j] += x[:, :, j + d], j + d within [0, Lb)."""
+    return (slice(0, Lb - d), slice(d, Lb)) if d >= 0 else (slice(-d, Lb), slice(0, Lb + d))
 
 
 class _ShiftAdd(torch.autograd.Function):
@@ -310,42 +334,47 @@ class _ShiftAdd(torch.autograd.Function):
 
 
 class _DiagPass(torch.autograd.Function):
-    """out[:, t, j] = sum over terms (d, idx, ok) of ok[t] * x[:, idx[t], j + d] (0 where j + d is out of
-    range; ok None = all valid). x: (B, n_src, Lb) -> out (B, n, Lb)."""
+    """out[:, t, j] = sum over terms (d, idx, ok, runs) of ok[t] * x[:, idx[t], j + d] (0 where j + d is out
+    of range; ok None = all valid). x: (B, n_src, Lb) -> out (B, n, Lb). A term with runs (see _row_runs)
+    adds slices of x in place; one without gathers its rows first."""
 
     @staticmethod
     def forward(ctx, x, terms, Lb):
         ctx.x_shape, ctx.terms, ctx.Lb = x.shape, terms, Lb
+        n = terms[0][1].numel()
         out = None
-        for d, idx, ok in sorted(terms, key=lambda t: abs(t[0])):  # d = 0 first: it initialises out
-            g = x.index_select(1, idx)  # (B, n, Lb)
-            if ok is not None:
-                g.mul_(ok.to(g.dtype)[None, :, None])
+        for d, idx, ok, runs in sorted(terms, key=lambda term: abs(term[0])):  # d = 0 first
             if out is None:
-                out = g if d == 0 else g.new_zeros(g.shape)
-                if d == 0:
+                if d == 0 and runs is not None and len(runs) == 1 and runs[0][:2] == (0, n):
+                    out = x[:, runs[0][2]:runs[0][2] + n].clone()  # the unshifted term initialises out
                     continue
-            if d >= 0:
-                out[:, :, :Lb - d] += g[:, :, d:]
-            else:
-                out[:, :, -d:] += g[:, :, :Lb + d]
+                out = x.new_zeros(x.shape[0], n, Lb)
+            oc, xc = _lanes(d, Lb)
+            if runs is None:
+                g = x.index_select(1, idx)  # (B, n, Lb)
+                if ok is not None:
+                    g.mul_(ok.to(g.dtype)[None, :, None])
+                out[:, :, oc] += g[:, :, xc]
+                continue
+            for t0, t1, s0 in runs:
+                out[:, t0:t1, oc] += x[:, s0:s0 + t1 - t0, xc]
         return out
 
     @staticmethod
     def backward(ctx, g):
         Lb = ctx.Lb
         gx = g.new_zeros(ctx.x_shape)
-        for d, idx, ok in ctx.terms:
-            gs = torch.empty_like(g)  # gs[:, :, j + d] = g[:, :, j], 0 where j is out of range
-            if d >= 0:
-                gs[:, :, d:] = g[:, :, :Lb - d]
-                gs[:, :, :d] = 0
-            else:
-                gs[:, :, :Lb + d] = g[:, :, -d:]
-                gs[:, :, Lb + d:] = 0
-            if ok is not None:
-                gs.mul_(ok.to(gs.dtype)[None, :, None])
-            gx.index_add_(1, idx, gs)
+        for d, idx, ok, runs in ctx.terms:
+            oc, xc = _lanes(d, Lb)
+            if runs is None:
+                gs = g.new_zeros(g.shape)  # gs[:, :, j + d] = g[:, :, j]
+                gs[:, :, xc] = g[:, :, oc]
+                if ok is not None:
+                    gs.mul_(ok.to(gs.dtype)[None, :, None])
+                gx.index_add_(1, idx, gs)
+                continue
+            for t0, t1, s0 in runs:
+                gx[:, s0:s0 + t1 - t0, xc] += g[:, t0:t1, oc]
         return gx, None, None
 
 
