@@ -92,7 +92,7 @@ class InpaintModel(_PythonModel):
 
         path = context.artifacts[CHECKPOINT_ARTIFACT]
         generator, _ = models.checkpoint.load_generator(path, map_location="cpu")
-        self.generator = generator.to(_device(None)).eval()
+        self.generator = models.for_inference(generator.to(_device(None)))
 
     def predict(self, context, model_input, params=None):
         if not isinstance(model_input, dict) or "image" not in model_input or "mask" not in model_input:
@@ -238,15 +238,20 @@ def fetch_checkpoint(ref: str) -> tuple[bytes, dict]:
 
 
 def generator_from_bytes(data: bytes, *, device: str | torch.device | None = None):
-    """A generator file's bytes -> (InpaintGenerator in eval mode on ``device``, checkpoint meta dict)."""
+    """A generator file's bytes -> (InpaintGenerator on ``device``, ready for inference, checkpoint meta dict).
+
+    The generator is in eval mode with channels_last weights (``models.for_inference``)."""
+    import models
     import models.checkpoint
 
     generator, meta = models.checkpoint.load_generator(io.BytesIO(data), map_location="cpu")
-    return generator.to(_device(device)).eval(), meta
+    return models.for_inference(generator.to(_device(device))), meta
 
 
 def load_generator(ref: str, *, device: str | torch.device | None = None):
-    """Load a generator from any model reference; returns (InpaintGenerator in eval mode, info dict).
+    """Load a generator from any model reference for inference; returns (InpaintGenerator, info dict).
+
+    The generator is in eval mode with channels_last weights (``models.for_inference``).
 
     ref: ``models:/name@alias`` | ``models:/name/<version>`` | ``runs:/<run_id>/<path>`` | a generator file
     (path, ``file://`` or ``s3://``) | a folder holding ``generator.pt`` (a training checkpoint) | a Ray Train

@@ -7,7 +7,7 @@ from models import checkpoint, losses
 from models.attention import ContextualAttention, flow_to_image
 from models.critics import GlobalCritic, LocalCritic, crop_around_holes, hole_crop_corners
 from models.generator import InpaintGenerator
-from models.inpaint import inpaint, to_model_range, to_uint8
+from models.inpaint import for_inference, inpaint, to_model_range, to_uint8
 
 __all__ = [
     "ContextualAttention",
@@ -18,6 +18,7 @@ __all__ = [
     "crop_around_holes",
     "hole_crop_corners",
     "inpaint",
+    "for_inference",
     "to_model_range",
     "to_uint8",
     "losses",

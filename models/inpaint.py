@@ -32,6 +32,18 @@ def _pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
+def for_inference(generator):
+    """Prepare a generator for inference only: eval mode and channels_last (NHWC) weights, in place.
+
+    Returns the generator. Convolutions with channels_last weights run in NHWC and hand NHWC activations on
+    (oneDNN on CPU, cuDNN's tensor-core kernels on CUDA): the same numbers up to float summation order,
+    1.15-1.3x faster per 512x512 image on CPU (benchmarks/infer.py). Not for training: on CPU the NHWC
+    backward was slower than the default layout. ``jobs.serving`` loads every model for inference this way.
+    """
+    generator.eval()
+    return generator.to(memory_format=torch.channels_last)
+
+
 def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offsets: bool = False,
             max_score_bytes: int | None = None):
     """Fill the holes of `image`.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import InpaintGenerator, checkpoint, inpaint, to_model_range, to_uint8
+from models import InpaintGenerator, checkpoint, for_inference, inpaint, to_model_range, to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,6 +48,22 @@ def test_inpaint_matches_generator_composite_and_restores_state(gen):
     expected = refined * mask + image * (1 - mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)  # chunked attention inside inpaint
     assert torch.equal(offsets, off_ref) and offsets.shape == (2, 2, 8, 6)
+
+
+def test_for_inference_is_channels_last_and_gives_the_same_composite(gen):
+    image, mask = _inputs(2, 64, 48)
+    expected, off_ref = inpaint(gen, image, mask, return_offsets=True)
+    fast = InpaintGenerator(cnum=8)
+    fast.load_state_dict(gen.state_dict())
+    fast.train()
+    assert for_inference(fast) is fast and not fast.training
+    conv = fast.coarse[0].conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    out, offsets = inpaint(fast, image, mask, return_offsets=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(offsets, off_ref)
+    known = (mask == 0).expand_as(image)
+    assert torch.equal(out[known], image[known])
 
 
 def test_value_range_helpers_round_trip():

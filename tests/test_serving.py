@@ -98,6 +98,7 @@ def test_load_generator_from_every_kind_of_ref(tiny_checkpoint, sqlite_mlflow, s
     for ref, facts in refs.items():
         loaded, info = serving.load_generator(ref, device="cpu")
         assert info["step"] == 7, ref
+        assert not loaded.training and loaded.coarse[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
         for k, v in facts.items():
             assert info[k] == v, (ref, k)
         np.testing.assert_array_equal(serving.inpaint_uint8(loaded, image, mask), expected)
