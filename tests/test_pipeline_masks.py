@@ -117,6 +117,17 @@ def test_loss_weights_of_holes_at_the_border_and_in_a_corner():
         np.testing.assert_allclose(loss_weights(m, 0.9), _brute_force_weights(m, 0.9), rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [300, 700])
+def test_loss_weights_exact_near_and_far_from_known_pixels(rows):
+    """Only row 0 is known, so pixel (i, j) is exactly i px from it: gamma ** i, bit for bit, both where the
+    squared distances are rounded in float32 (below 512 px) and in float64 (beyond)."""
+    mask = np.ones((rows, 6), np.uint8)
+    mask[0] = 0
+    w = loss_weights(mask, 0.999)
+    expected = np.power(np.float32(0.999), np.arange(rows, dtype=np.float32))[:, None]
+    np.testing.assert_array_equal(w, np.broadcast_to(expected, mask.shape))
+
+
 def test_loss_weights_agree_with_models_spatial_discount():
     masks = [generate_mask(kind, 64, 48, mask_rng(0, 0, kind)) for kind in ("box", "strokes", "mixed", "thick")]
     masks.append(np.ones((16, 16), np.uint8))  # no known pixel
