@@ -11,6 +11,10 @@ Both arms run in this process on the same inputs (JPEG photos on local disk, ``b
 - ``naive_loop``: read, decode, inpaint (batch of 1, torch with ``--cpus`` threads), encode, write, one image
   at a time, through the same helper functions.
 
+``layout``: one ``--size`` image through ``jobs.serving.inpaint_uint8`` on ``--cpus`` threads, the generator in
+the default (contiguous, NCHW) layout and as inference loads it (``models.for_inference``: channels_last),
+alternating, ``--layout-repeats`` each; medians and their ratio.
+
 ``peak_memory_2048``: in a fresh subprocess, one 2048x2048 image through the infer path (decode, inpaint,
 encode), peak RSS and its increase over the process with the model loaded.
 
@@ -117,6 +121,35 @@ print(json.dumps({"size": size, "seconds": seconds, "peak_rss_mib": peak / 1024,
 """
 
 
+def layout_latency(model_path: str, size: int, threads: int, repeats: int) -> dict:
+    """Seconds per image, default layout vs channels_last, same weights and input, alternating."""
+    import torch
+
+    import models
+    import models.checkpoint
+    from jobs import serving
+
+    torch.set_num_threads(threads)
+    plain, _ = models.checkpoint.load_generator(model_path)
+    plain.eval()
+    fast, _ = serving.load_generator(model_path, device="cpu")
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(128, 40, (1, size, size, 3)), 0, 255).astype(np.uint8)
+    mask = np.zeros((1, size, size, 1), np.uint8)
+    mask[:, size // 4:size // 2, size // 3:2 * size // 3] = 1
+    times = {"contiguous": [], "channels_last": []}
+    outs = {}
+    for _ in range(repeats):
+        for name, generator in (("contiguous", plain), ("channels_last", fast)):
+            t0 = time.perf_counter()
+            outs[name] = serving.inpaint_uint8(generator, image, mask)
+            times[name].append(time.perf_counter() - t0)
+    diff = np.abs(outs["contiguous"].astype(int) - outs["channels_last"].astype(int)).max()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"threads": threads, "seconds_per_image": med, "runs": times,
+            "speedup": med["contiguous"] / med["channels_last"], "max_abs_uint8_difference": int(diff)}
+
+
 def peak_memory(model_path: str, size: int, threads: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, model_path, str(size), str(threads)],
                           capture_output=True, text=True, check=True)
@@ -133,6 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--peak-size", type=int, default=2048)
     parser.add_argument("--skip-peak", action="store_true")
+    parser.add_argument("--layout-repeats", type=int, default=3, help="0 skips the layout comparison")
     args = parser.parse_args()
 
     import ray
@@ -149,6 +183,7 @@ def main() -> None:
         images = os.path.join(work, "in")
         keys = make_images(images, args.images, args.size)
 
+        layout = layout_latency(model_path, args.size, args.cpus, args.layout_repeats) if args.layout_repeats else None
         naive_s, ray_s = [], []
         for r in range(args.repeats):
             naive_s.append(naive_loop(images, os.path.join(work, f"naive{r}"), keys, model_path, args.cpus))
@@ -176,6 +211,7 @@ def main() -> None:
             "naive_loop": {"seconds": naive_med, "images_per_s": args.images / naive_med, "runs": naive_s},
             "deepfill_infer": {"seconds": ray_med, "images_per_s": args.images / ray_med, "runs": ray_s},
             "speedup": naive_med / ray_med,
+            "layout": layout,
             "load_average_1min": os.getloadavg()[0],
         }
         if not args.skip_peak:
