@@ -74,14 +74,19 @@ class ContextualAttention(nn.Module):
         return (f"ksize={self.ksize}, stride={self.stride}, rate={self.rate}, fuse_k={self.fuse_k}, "
                 f"softmax_scale={self.softmax_scale}, fuse={self.fuse}, max_score_bytes={self.max_score_bytes}")
 
-    def forward(self, f: torch.Tensor, b: torch.Tensor, mask: torch.Tensor):
+    def forward(self, f: torch.Tensor, b: torch.Tensor, mask: torch.Tensor,
+                rows: tuple[int, int] | None = None):
         """f: foreground features (B,C,H,W); b: background features (B,C,Hb,Wb); mask: (B,1,Hb,Wb), 1 = hole
         in b. H, W, Hb, Wb must be multiples of rate.
 
         Returns y (B,C,H,W) (f's shape, b's dtype) and offsets (B,2,H//rate,W//rate) int64: the (dy, dx) from
         each foreground position to its best-matching background position on the downsampled grid.
+
+        rows: (first, end) foreground rows of the downsampled grid to attend from (default: all). The other
+        rows are skipped: their offsets are 0 and y holds only the pasted patches of the attended rows (0
+        beyond them). Inference uses it to skip rows that cannot reach a hole pixel (``InpaintGenerator``).
         """
-        y, offsets, _ = self._run(f, b, mask, keep_attention=False)
+        y, offsets, _ = self._run(f, b, mask, keep_attention=False, rows=rows)
         return y, offsets
 
     def attention(self, f: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,7 +96,7 @@ class ContextualAttention(nn.Module):
         return self._run(f, b, mask, keep_attention=True)[2]
 
     # ---------------------------------------------------------------------------------------------------
-    def _run(self, f, b, mask, keep_attention):
+    def _run(self, f, b, mask, keep_attention, rows=None):
         B, C, H, W = f.shape
         Hb, Wb = b.shape[-2:]
         r, k = self.rate, self.ksize
@@ -103,6 +108,7 @@ class ContextualAttention(nn.Module):
             raise ValueError(f"feature sizes must be multiples of rate={r}, got {H}x{W} and {Hb}x{Wb}")
         h, w, hb, wb = H // r, W // r, Hb // r, Wb // r
         L, Lb = h * w, hb * wb
+        row_lo, row_hi = (0, h) if rows is None else (max(0, int(rows[0])), min(h, int(rows[1])))
         p = k // 2
         dev = f.device
         score_dtype = torch.promote_types(f.dtype, torch.float32)
@@ -128,7 +134,7 @@ class ContextualAttention(nn.Module):
         P = P.reshape(B, (hb + 1) * (wb + 1), r * r * C)  # (B, Lb', r*r*C)
 
         rows_per_chunk = max(1, self.max_score_bytes // max(1, B * w * Lb * 4))
-        rows_per_chunk = min(rows_per_chunk, h)
+        rows_per_chunk = min(rows_per_chunk, max(1, row_hi - row_lo))
         runs: list[tuple[int, int, torch.Tensor]] = []  # (first row, end row, scores (B, rows*w, Lb)) cached
 
         def score_rows(a: int, c: int) -> torch.Tensor:
@@ -174,8 +180,8 @@ class ContextualAttention(nn.Module):
         attn_all = [] if keep_attention else None
         prev_row = None  # last attention row of the previous chunk (B, w, Lb), for the paste-back overlap
         fk = self.fuse_k // 2
-        for r0 in range(0, h, rows_per_chunk):
-            r1 = min(h, r0 + rows_per_chunk)
+        for r0 in range(row_lo, row_hi, rows_per_chunk):
+            r1 = min(row_hi, r0 + rows_per_chunk)
             targets = torch.arange(r0 * w, r1 * w, device=dev)  # global row-major fg indices of this chunk
             if self.fuse:
                 # Rows whose scores this chunk depends on (column-major, then row-major neighbours).
@@ -211,12 +217,13 @@ class ContextualAttention(nn.Module):
             if keep_attention:
                 attn_all.append(attn)
 
-            # Paste-back of output rows I in [r0, r1) (+ the last padded row I = h on the final chunk):
+            # Paste-back of output rows I in [r0, r1) (+ row I = r1 on the band's last chunk, which only the
+            # band's last row reaches; I = h is the padded row):
             # A[I] = sum_{di,dj in {0,1}} attn[I-di, J-dj] shifted by (di, dj) in the background.
             nr = r1 - r0
             first = prev_row if prev_row is not None else attn.new_zeros(B, w, Lb)
             ext = [first.unsqueeze(1), attn.view(B, nr, w, Lb)]
-            if r1 == h:
+            if r1 == row_hi:
                 ext.append(attn.new_zeros(B, 1, w, Lb))
             ext = torch.cat(ext, 1).view(B, -1, w, hb, wb)  # (B, ne, w, hb, wb), rows r0-1 ...
             prev_row = attn.view(B, nr, w, Lb)[:, -1]
@@ -234,7 +241,12 @@ class ContextualAttention(nn.Module):
             # column-major wrap-around needs them)
             runs[:] = [run for run in runs if run[0] <= fk or run[1] > r1 - 2 * fk - 2]
 
-        y = torch.cat(pieces, 2) if len(pieces) > 1 else pieces[0]  # (B, C, (h+1)r, (w+1)r)
+        if not pieces:  # an empty band: nothing attended
+            y = b.new_zeros(B, C, (h + 1) * r, (w + 1) * r)
+        else:
+            y = torch.cat(pieces, 2) if len(pieces) > 1 else pieces[0]  # (B, C, (row_hi-row_lo+1)r, (w+1)r)
+            if (row_lo, row_hi) != (0, h):
+                y = F.pad(y, (0, 0, row_lo * r, (h - row_hi) * r))  # rows outside the band: nothing pasted
         y = y[:, :, r // 2:r // 2 + H, r // 2:r // 2 + W]
         y = y / _overlap_count(h, w, r, y.dtype, dev)
         attention = torch.cat(attn_all, 1) if keep_attention else None

@@ -50,11 +50,21 @@ class InpaintGenerator(nn.Module):
             GenDeconv(2 * c, c), GenConv(c, c // 2, 3), GenConv(c // 2, 3, 3, activation="none"),
         )
 
-    def forward(self, image: torch.Tensor, mask: torch.Tensor):
+    # How far (in rows of the H/4 feature map) the layers after the attention carry a value: refine_attn_out
+    # and refine_dec's two 3x3 convolutions at H/4 (4 rows), then 3x3 convolutions after each x2 upsampling
+    # (2 at H/2, 3 at H: 1.75 rows), rounded up.
+    ATTENTION_REACH = 6
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor, *, holes_only: bool = False):
         """image (B,3,H,W) in [-1,1]; mask (B,1,H,W) float {0,1}, 1 = hole; H, W multiples of 8.
 
         Returns coarse (B,3,H,W) and refined (B,3,H,W), both in [-1,1] (hole and known pixels: the caller
         composites), and offsets (B,2,H/8,W/8) int64 from the attention (for flow_to_image).
+
+        holes_only: the caller keeps only the hole pixels of ``refined`` (inference: ``models.inpaint``).
+        The attention then skips the rows of its grid that cannot reach a hole pixel (farther than
+        ATTENTION_REACH feature rows from every hole row of the batch): ``refined`` is unchanged in the holes,
+        not elsewhere, and those rows' offsets are 0. The attention's cost scales with the rows it keeps.
         """
         B, _, H, W = image.shape
         if H % 8 or W % 8:
@@ -74,7 +84,22 @@ class InpaintGenerator(nn.Module):
         del xin
         # Hole mask at feature resolution: a cell is a hole if any of its 4x4 pixels is.
         mask_s = F.max_pool2d(mask, 4)  # (B, 1, H/4, W/4)
-        x_att, offsets = self.attention(x_att, x_att, mask_s)
+        rows = self._attention_rows(mask_s) if holes_only else None
+        x_att, offsets = self.attention(x_att, x_att, mask_s, rows=rows)
         x_att = self.refine_attn_out(x_att)
         refined = self.refine_dec(torch.cat([x_conv, x_att], 1)).clamp(-1, 1)  # (B, 3, H, W)
         return coarse, refined, offsets
+
+    def _attention_rows(self, mask_s: torch.Tensor) -> tuple[int, int]:
+        """(first, end) rows of the attention grid whose pasted patches come within ATTENTION_REACH feature
+        rows of a hole row of any sample; mask_s (B,1,H/4,W/4). (0, 0) when there is no hole."""
+        holes = torch.nonzero(mask_s.amax(dim=(0, 1, 3)) > 0.5).flatten()
+        if holes.numel() == 0:
+            return 0, 0
+        first, end = int(holes[0]), int(holes[-1]) + 1  # hole rows [first, end) of the feature map
+        r, reach = self.attention.rate, self.ATTENTION_REACH
+        # grid row i pastes its 2r x 2r patch on feature rows [i*r - r//2, i*r - r//2 + 2r)
+        lo = (first - reach + r // 2 - 2 * r) // r + 1
+        hi = -(-(end + reach + r // 2) // r)
+        h = mask_s.shape[-2] // r
+        return max(0, lo), min(h, hi)

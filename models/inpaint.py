@@ -73,7 +73,8 @@ def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offset
             hole = mask > 0.5  # (B, 1, H, W) bool
             x = _pad_to_multiple(image.to(param.device, param.dtype), 8)
             m = _pad_to_multiple(hole.to(param.device, param.dtype), 8)
-            _, refined, offsets = generator(x, m)
+            # holes_only: the attention skips rows that cannot reach a hole (full attention for the offsets)
+            _, refined, offsets = generator(x, m, holes_only=not return_offsets)
             del x, m
             refined = refined[:, :, :H, :W].to(image.device, image.dtype)
             out = torch.where(hole, refined, image)

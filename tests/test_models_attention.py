@@ -127,6 +127,29 @@ def test_values_and_gradients_match_reference_definition(rows, max_runs, monkeyp
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("rows", [(3, 7), (6, 10), (0, 2), (4, 4)])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 2])
+def test_row_band_equals_full_attention_inside(rows, chunk_rows):
+    """rows=(a, b): grid rows a..b-1 attend exactly as without a band (offsets, and every feature row all
+    of whose pasted patches come from the band); nothing is pasted beyond the band's patches."""
+    f, b, mask = _inputs(H=20, W=16)
+    att = ContextualAttention()
+    y_full, off_full = att(f, b, mask)
+    if chunk_rows is not None:
+        att.max_score_bytes = 3 * 8 * 80 * 8 * chunk_rows
+    y, off = att(f, b, mask, rows=rows)
+    a, e = rows
+    assert (off[:, :, :a] == 0).all() and (off[:, :, e:] == 0).all()
+    assert torch.equal(off[:, :, a:e], off_full[:, :, a:e])
+    # grid row i pastes on feature rows [2i - 1, 2i + 3)
+    exact = [yr for yr in range(20) if all(a <= i < e for i in range(10) if 2 * i - 1 <= yr < 2 * i + 3)]
+    torch.testing.assert_close(y[:, :, exact], y_full[:, :, exact], rtol=1e-12, atol=1e-12)
+    reached = set(yr for i in range(a, e) for yr in range(2 * i - 1, 2 * i + 3))
+    beyond = [yr for yr in range(20) if yr not in reached]
+    assert (y[:, :, beyond] == 0).all()
+    assert len(exact) > 0 or e - a < 2
+
+
 def test_invalid_patches_get_zero_attention():
     f, b, mask = _inputs(dtype=torch.float32)
     att = ContextualAttention()

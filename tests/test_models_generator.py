@@ -39,6 +39,60 @@ def test_generator_shapes(H, W):
     assert gen.attention is gen.get_submodule("attention")
 
 
+def _hole_rows_masks(H, W):
+    """Masks whose hole rows span little of the image: a thin stripe at the top, a box at the bottom, two
+    holes far apart in one sample and one hole in the other, no hole at all."""
+    masks = []
+    m = torch.zeros(2, 1, H, W)
+    m[:, :, 0:3, 10:40] = 1
+    masks.append(m)
+    m = torch.zeros(2, 1, H, W)
+    m[:, :, H - 20:H - 5, 5:30] = 1
+    masks.append(m)
+    m = torch.zeros(2, 1, H, W)
+    m[0, :, 30:37, 8:20] = 1
+    m[0, :, 100:104, 40:60] = 1
+    m[1, :, 61:66, 20:50] = 1
+    masks.append(m)
+    masks.append(torch.zeros(2, 1, H, W))
+    return masks
+
+
+def test_holes_only_keeps_the_hole_pixels_and_skips_rows():
+    """holes_only skips attention rows that cannot reach a hole; the hole pixels of ``refined`` must not
+    change at all, and rows must really be skipped."""
+    torch.manual_seed(0)
+    gen = InpaintGenerator(cnum=8).eval().double()  # float64: summation order cannot hide a difference
+    H, W = 160, 64
+    image = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2 - 1
+    for mask in _hole_rows_masks(H, W):
+        mask = mask.double()
+        with torch.no_grad():
+            _, full, off_full = gen(image, mask)
+            _, fast, off_fast = gen(image, mask, holes_only=True)
+        hole = mask.bool().expand_as(full)
+        torch.testing.assert_close(fast[hole], full[hole], rtol=0, atol=1e-12)
+        lo, hi = gen._attention_rows(torch.nn.functional.max_pool2d(mask, 4))
+        assert hi - lo < H // 8  # rows were skipped
+        assert (off_fast[:, :, :lo] == 0).all() and (off_fast[:, :, hi:] == 0).all()
+        assert torch.equal(off_fast[:, :, lo:hi], off_full[:, :, lo:hi])
+
+
+def test_holes_only_needs_the_whole_reach(monkeypatch):
+    """A reach one row shorter changes hole pixels: the reach is not larger than the layers need."""
+    torch.manual_seed(0)
+    gen = InpaintGenerator(cnum=8).eval().double()
+    image = torch.rand(1, 3, 160, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2 - 1
+    mask = torch.zeros(1, 1, 160, 64, dtype=torch.float64)
+    mask[:, :, 60:72, 10:50] = 1
+    with torch.no_grad():
+        _, full, _ = gen(image, mask)
+        monkeypatch.setattr(InpaintGenerator, "ATTENTION_REACH", InpaintGenerator.ATTENTION_REACH - 1)
+        _, short, _ = gen(image, mask, holes_only=True)
+    hole = mask.bool().expand_as(full)
+    assert (short[hole] - full[hole]).abs().max() > 1e-9
+
+
 def test_generator_rejects_sizes_not_multiple_of_8():
     gen = InpaintGenerator(cnum=8)
     image, mask = _batch(1, 60, 64)
