@@ -52,7 +52,9 @@ def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offset
     Pads (reflect) to a multiple of 8, runs the generator under torch.inference_mode in eval mode on the
     generator's device, crops back. Returns the composite (B,3,H,W) on image's device and dtype: the refined
     output in the holes, the input elsewhere (bit-identical, torch.where). With return_offsets=True also the
-    attention offsets (B,2,ceil(H/8),ceil(W/8)) int64 (of the padded image).
+    attention offsets (B,2,ceil(H/8),ceil(W/8)) int64 (of the padded image). Without them, the attention
+    runs only from the rows that can reach a hole (``InpaintGenerator.forward(holes_only=True)``): the
+    same composite, cheaper when the holes span few rows.
     max_score_bytes overrides generator.attention.max_score_bytes for this call (memory for large images).
     """
     if image.dim() != 4 or image.shape[1] != 3:
