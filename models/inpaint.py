@@ -37,7 +37,7 @@ def for_inference(generator):
 
     Returns the generator. Convolutions with channels_last weights run in NHWC and hand NHWC activations on
     (oneDNN on CPU, cuDNN's tensor-core kernels on CUDA): the same numbers up to float summation order,
-    1.15-1.3x faster per 512x512 image on CPU (benchmarks/infer.py). Not for training: on CPU the NHWC
+    1.1-1.2x faster per 512x512 image on CPU (benchmarks/infer.py). Not for training: on CPU the NHWC
     backward was slower than the default layout. ``jobs.serving`` loads every model for inference this way.
     """
     generator.eval()
