@@ -132,6 +132,7 @@ def layout_latency(model_path: str, size: int, threads: int, repeats: int) -> di
 
     import models.checkpoint
     from jobs import serving
+    from pipeline.masks import box_mask
 
     torch.set_num_threads(threads)
     plain, _ = models.checkpoint.load_generator(model_path)
@@ -139,8 +140,6 @@ def layout_latency(model_path: str, size: int, threads: int, repeats: int) -> di
     fast, _ = serving.load_generator(model_path, device="cpu")
     rng = np.random.default_rng(0)
     image = np.clip(rng.normal(128, 40, (1, size, size, 3)), 0, 255).astype(np.uint8)
-    from pipeline.masks import box_mask
-
     mask = box_mask(size, size, np.random.default_rng(0))[None, ..., None]  # the benchmark's mask preset
     variants = {"default": (plain, True), "channels_last": (fast, True), "infer_path": (fast, False)}
     times = {name: [] for name in variants}

@@ -241,7 +241,6 @@ def generator_from_bytes(data: bytes, *, device: str | torch.device | None = Non
     """A generator file's bytes -> (InpaintGenerator on ``device``, ready for inference, checkpoint meta dict).
 
     The generator is in eval mode with channels_last weights (``models.for_inference``)."""
-    import models
     import models.checkpoint
 
     generator, meta = models.checkpoint.load_generator(io.BytesIO(data), map_location="cpu")
