@@ -171,9 +171,9 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     their own seeded order (the block-order shuffle), and an actor pool (``data.decode_workers`` actors of
     one CPU, or autoscaling from 1 to the free CPUs) streams each item's row groups through decode + augment
     + mask + loss weights, drawing crops and masks from (masks.seed, epoch, key). Actors by default: each
-    actor has its next items queued while it works, where a task per item left its CPU idle for ~0.3 s
-    between items on a 2-CPU machine (benchmarks/pipeline.py); ``data.decode_pool="tasks"`` runs one task
-    per item instead, which skips the actors' start-up (a few seconds: short jobs and tests). So each epoch
+    actor has its next items queued while it works, where a task per item leaves its CPU idle between
+    items (benchmarks/pipeline.py measures both); ``data.decode_pool="tasks"`` runs one task per item
+    instead, which skips the actors' start-up (short jobs and tests). So each epoch
     differs, the same seed repeats, a resumed job starts at its own epoch, and a shard that cannot be read
     is skipped and recorded like a bad row instead of failing the plan on the driver.
     """

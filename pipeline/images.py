@@ -11,7 +11,8 @@ decoded, applies the EXIF orientation and converts every mode to RGB uint8:
 - anything with alpha (RGBA, LA, PA, palette transparency): the alpha channel is DROPPED and the stored
   colours kept as they are (no compositing onto a background), so no colour data is invented.
 
-Failures raise ``ImageRejected`` with a short ``reason`` code (see REASONS).
+Failures raise ``ImageRejected`` with a short ``reason`` code (see REASONS). ``encode_png`` is the one way
+pixels become bytes again (inference outputs, evaluation grids).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DEFAULT_MAX_PIXELS
+
+# File name endings (lower case) that the jobs treat as images when they list a folder of inputs.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 REASONS = (
     "empty",  # zero bytes
@@ -156,8 +160,8 @@ _EXIF_ORIENTATION = 0x0112
 
 def _decode_plain_jpeg(data: bytes, header: Image.Image) -> np.ndarray | None:
     """The fast path for the common case, a complete RGB or grayscale JPEG with no EXIF rotation: OpenCV
-    decodes it straight into an array (the same libjpeg-turbo pixels as PIL, ~1.5x faster without PIL's two
-    copies; a test checks the two paths agree). None for anything else, which takes the PIL path.
+    decodes it straight into an array (the same libjpeg-turbo pixels as PIL, without PIL's two copies; the
+    README's benchmark table has the figures, a test checks the two paths agree). None for anything else, which takes the PIL path.
 
     A file must end with the JPEG end-of-image marker to come here, so a truncated one is left to PIL,
     which rejects it (OpenCV would fill the missing rows with grey).
@@ -215,3 +219,27 @@ def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
     else:
         gray = np.asarray(img.convert("L")).astype(np.float32)
     return (gray >= 127.5).astype(np.uint8)
+
+
+def encode_png(image: np.ndarray, compression: int = 1) -> bytes:
+    """uint8 (H, W, 3) RGB -> PNG bytes through OpenCV (lossless; ``compression`` 0-9, 1 is fast).
+
+    Raises ValueError for any other shape or dtype, an empty image or a compression outside 0-9, and
+    ValueError("PNG encoding failed") if OpenCV fails. ``decode_image`` of the result gives back ``image``
+    exactly.
+    """
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"encode_png wants a uint8 (H, W, 3) RGB array, got {arr.dtype} {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"encode_png got an empty image {arr.shape}")
+    if not 0 <= int(compression) <= 9:
+        raise ValueError(f"PNG compression must be 0-9, got {compression}")
+    try:
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr[..., ::-1]),
+                               [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    except cv2.error as err:
+        raise ValueError("PNG encoding failed") from err
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buf.tobytes()

@@ -180,12 +180,14 @@ def prepare(src: str, dst: str, *, shard_size_bytes: int = DEFAULT_SHARD_SIZE, v
     src: a folder, ``file://`` or ``s3://`` prefix (every non-hidden file under it is a candidate), or a
     ``.txt`` file listing one URI per line. dst: a folder or ``s3://`` prefix. ``shard_size_bytes``: target
     encoded bytes per shard. ``val_fraction``: share of keys (by hash) in the val split. ``min_size``: least
-    short side in pixels; ``max_pixels``: decompression-bomb limit. Resumable (see the module docstring).
+    short side in pixels; ``max_pixels``: decompression-bomb limit. ``progress``: show progress (a bar on a
+    terminal, a line every few seconds in a log, see ``pipeline.progress``); False shows none. Resumable
+    (see the module docstring).
     """
     import ray
-    from tqdm import tqdm
 
     from pipeline.cluster import connect
+    from pipeline.progress import Progress
 
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -226,11 +228,12 @@ def prepare(src: str, dst: str, *, shard_size_bytes: int = DEFAULT_SHARD_SIZE, v
             fn_kwargs={"dst": dst, "options": options, "min_size": min_size, "max_pixels": max_pixels},
             num_cpus=1,
         )
-        bar = tqdm(total=sum(len(i["keys"]) for i in todo), unit="img", desc="prepare", disable=not progress)
-        for summary in ds.iter_rows():
-            bar.update(int(summary["rows"]) + int(summary["rejected"]))
-            bar.set_postfix(shards=f"{summary['split']}/{summary['shard']}", rejected=int(summary["rejected"]))
-        bar.close()
+        rejected_so_far = 0
+        with Progress("prepare", total=sum(len(i["keys"]) for i in todo), unit="images", enabled=progress) as bar:
+            for summary in ds.iter_rows():
+                rejected_so_far += int(summary["rejected"])
+                bar.set_postfix(f"shard {summary['split']}/{summary['shard']}, {rejected_so_far} rejected")
+                bar.update(int(summary["rows"]) + int(summary["rejected"]))
 
     # Gather every shard's record (this run's and earlier runs'), drop stale files, write the manifest.
     records = {(r["split"], r["shard"]): r for r in _read_records(dst, options)}

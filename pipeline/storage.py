@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 from pipeline.config import StorageOptions
@@ -115,14 +116,6 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
-def open_uri(uri: str, mode: str = "rb", options: StorageOptions | None = None):
-    """Open a file at any URI (a context manager yielding a file object)."""
-    fs, path = filesystem(uri, options)
-    if "w" in mode and not is_s3(uri):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    return fs.open(path, mode)
-
-
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = filesystem(uri, options)
     return fs.cat_file(path)
@@ -160,6 +153,27 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     return bool(fs.exists(path))
 
 
+def _walk(uri: str, options: StorageOptions | None = None) -> Iterator[tuple[str, dict]]:
+    """``(relative key, fsspec info dict)`` for every file under ``uri``, recursively, in listing order.
+
+    Keys are relative to ``uri`` and ``/``-separated; hidden files and anything under a name starting with
+    ``.`` (the temporary files of ``write_bytes_atomic``) are left out. On S3 the listing cache is dropped
+    first, so files written since the last listing are seen. A missing ``uri`` yields nothing.
+    """
+    fs, root = filesystem(uri, options)
+    if is_s3(uri):
+        fs.invalidate_cache(root)
+    if not fs.exists(root):
+        return
+    root_prefix = root.rstrip("/") + "/"
+    for full, info in fs.find(root, detail=True).items():
+        full = str(full)
+        rel = full[len(root_prefix):] if full.startswith(root_prefix) else os.path.basename(full)
+        if not rel or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        yield rel, info
+
+
 def list_files(uri: str, suffixes: tuple[str, ...] | list[str] | None = None,
                options: StorageOptions | None = None) -> list[str]:
     """Sorted keys (relative to ``uri``, ``/``-separated) of the files under ``uri``, recursively.
@@ -167,24 +181,8 @@ def list_files(uri: str, suffixes: tuple[str, ...] | list[str] | None = None,
     ``suffixes`` (case-insensitive, e.g. ``(".jpg", ".png")``) filters by name ending; hidden files and
     names starting with ``.`` (temporary files of ``write_bytes_atomic``) are left out.
     """
-    fs, root = filesystem(uri, options)
-    if is_s3(uri):
-        fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return []
-    found = fs.find(root)
-    root_prefix = root.rstrip("/") + "/"
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
-    keys = []
-    for full in found:
-        full = str(full)
-        rel = full[len(root_prefix):] if full.startswith(root_prefix) else os.path.basename(full)
-        if not rel or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if wanted is not None and not rel.lower().endswith(wanted):
-            continue
-        keys.append(rel)
-    return sorted(keys)
+    return sorted(rel for rel, _ in _walk(uri, options) if wanted is None or rel.lower().endswith(wanted))
 
 
 def delete(uri: str, options: StorageOptions | None = None) -> None:
@@ -217,17 +215,4 @@ def redact(text: str) -> str:
 
 def list_sizes(uri: str, options: StorageOptions | None = None) -> dict[str, int]:
     """``{relative key: size in bytes}`` for the files under ``uri`` (same rules as ``list_files``)."""
-    fs, root = filesystem(uri, options)
-    if is_s3(uri):
-        fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return {}
-    root_prefix = root.rstrip("/") + "/"
-    out = {}
-    for full, info in fs.find(root, detail=True).items():
-        full = str(full)
-        rel = full[len(root_prefix):] if full.startswith(root_prefix) else os.path.basename(full)
-        if not rel or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        out[rel] = int(info.get("size") or 0)
-    return dict(sorted(out.items()))
+    return dict(sorted((rel, int(info.get("size") or 0)) for rel, info in _walk(uri, options)))

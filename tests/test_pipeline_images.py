@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import ImageRejected, _decode_plain_jpeg, decode_image, decode_mask, probe_image
+from pipeline.images import (IMAGE_SUFFIXES, ImageRejected, _decode_plain_jpeg, decode_image, decode_mask, encode_png,
+                             probe_image)
 from pipeline.storage import join, list_files, read_bytes, redact, write_bytes_atomic
 from tests.imaging import AWKWARD, BAD, GOOD_PHOTOS, SMALL, encode, photo, png_bomb
 
@@ -170,3 +171,37 @@ def test_local_storage_roundtrip(tmp_path):
     assert list_files(str(tmp_path)) == ["a/b.bin", "c.txt"]
     assert list_files(f"file://{tmp_path}", (".BIN",)) == ["a/b.bin"]
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]  # no temporary file left
+
+
+@pytest.mark.parametrize("compression", [0, 1, 9])
+def test_encode_png_round_trips_exactly(compression):
+    rng = np.random.default_rng(0)
+    for arr in (rng.integers(0, 256, (37, 53, 3), dtype=np.uint8), BASE, BASE[::-1, ::2]):  # noise, photo, a view
+        data = encode_png(arr, compression=compression)
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        back = decode_image(data)
+        assert back.dtype == np.uint8 and back.shape == arr.shape and (back == arr).all()  # RGB order kept
+    assert len(encode_png(BASE, 9)) < len(encode_png(BASE, 0))
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((8, 8), np.uint8),  # grayscale-shaped
+    np.zeros((8, 8, 1), np.uint8),
+    np.zeros((8, 8, 4), np.uint8),  # RGBA
+    np.zeros((8, 8, 3), np.float32),  # float
+    np.zeros((8, 8, 3), np.uint16),
+    np.zeros((0, 8, 3), np.uint8),  # empty
+])
+def test_encode_png_rejects_other_shapes_and_dtypes(bad):
+    with pytest.raises(ValueError):
+        encode_png(bad)
+
+
+def test_encode_png_rejects_a_bad_compression_level():
+    with pytest.raises(ValueError):
+        encode_png(BASE, compression=10)
+
+
+def test_image_suffixes():
+    assert IMAGE_SUFFIXES == (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+    assert all(s == s.lower() and s.startswith(".") for s in IMAGE_SUFFIXES)
