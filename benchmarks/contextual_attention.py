@@ -1,5 +1,6 @@
 """Contextual attention forward+backward: ours (batched, cheap propagation) vs a per-sample loop in the
-references' style (unbatched, unchunked, propagation as a 3x3 identity-kernel convolution over the score map).
+references' style (``models.reference.reference_attention``: unbatched, unchunked, propagation as a 3x3
+identity-kernel convolution over the score map).
 
 Batch 8, 64x64x128 features (a 256x256 input), self-attention with per-sample box holes (128x128 image
 holes -> 32x32 feature holes). Each variant runs in its own subprocess, alternating, so the peak-RSS figures
@@ -20,42 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import ContextualAttention  # noqa: E402
+from models.reference import reference_attention  # noqa: E402
 
 B, C, H, W = 8, 128, 64, 64
-
-
-def loop_attention(f, b, mask, ksize=3, rate=2, fuse_k=3, scale=10.0):
-    """The references' structure: a Python loop over samples; per sample unfold the patches, convolve for
-    scores, fuse with two identity-kernel convolutions over the (L x L) map, masked softmax, conv_transpose
-    paste-back divided by the exact overlap count."""
-    Bn, Cn, Hn, Wn = f.shape
-    r, k, p = rate, ksize, ksize // 2
-    h, w = Hn // r, Wn // r
-    L = h * w
-    eye = torch.eye(fuse_k, dtype=f.dtype).view(1, 1, fuse_k, fuse_k)
-    cnt = F.conv_transpose2d(torch.ones(1, 1, h, w), torch.ones(1, 1, 2 * r, 2 * r), stride=r)
-    ys = []
-    for i in range(Bn):
-        fi, bi, mi = f[i:i + 1], b[i:i + 1], mask[i:i + 1]
-        bpad = F.pad(bi, (r // 2, r - r // 2, r // 2, r - r // 2))
-        raw = F.unfold(bpad, 2 * r, stride=r).view(Cn, 2 * r, 2 * r, L).permute(3, 0, 1, 2)  # (L, C, 2r, 2r)
-        fd, bd = fi[:, :, ::r, ::r], bi[:, :, ::r, ::r]
-        wp = F.unfold(bd, k, padding=p).view(Cn, k, k, L).permute(3, 0, 1, 2)  # (L, C, k, k)
-        wn = wp / wp.flatten(1).norm(dim=1).clamp_min(1e-4)[:, None, None, None]
-        s = F.conv2d(fd, wn, padding=p).view(L, L).t()  # (L_fg, L_bg)
-        s = F.conv2d(s.reshape(1, 1, L, L), eye, padding=fuse_k // 2)
-        s = s.view(1, h, w, h, w).permute(0, 2, 1, 4, 3).reshape(1, 1, L, L)
-        s = F.conv2d(s, eye, padding=fuse_k // 2)
-        s = s.view(1, w, h, w, h).permute(0, 2, 1, 4, 3).reshape(L, L)
-        valid = (F.max_pool2d(F.max_pool2d(mi, r), k, stride=1, padding=p) < 0.5).view(L)
-        attn = torch.softmax((s * scale).masked_fill(~valid, float("-inf")), dim=1)  # (L_fg, L_bg)
-        y = F.conv_transpose2d(attn.t().reshape(1, L, h, w), raw, stride=r)
-        ys.append((y / cnt)[:, :, r // 2:r // 2 + Hn, r // 2:r // 2 + Wn])
-    return torch.cat(ys)
 
 
 def make_inputs(seed=0):
@@ -77,7 +48,7 @@ def run_variant(variant: str, repeats: int) -> dict:
         if variant == "ours":
             y, _ = att(xi, xi, mask)
         else:
-            y = loop_attention(xi, xi, mask)
+            y, _ = reference_attention(xi, xi, mask)
         y.square().mean().backward()
 
     step()  # warm-up
@@ -106,7 +77,7 @@ def main() -> int:
     # agreement check (forward, once)
     x, mask = make_inputs()
     with torch.no_grad():
-        diff = (ContextualAttention()(x, x, mask)[0] - loop_attention(x, x, mask)).abs().max().item()
+        diff = (ContextualAttention()(x, x, mask)[0] - reference_attention(x, x, mask)[0]).abs().max().item()
     results = {"ours": [], "loop": []}
     cpu = {"ours": [], "loop": []}  # process CPU seconds: less sensitive than wall time to a busy machine
     peaks = {"ours": 0.0, "loop": 0.0}

@@ -3,8 +3,8 @@ time a 2-worker Ray Train run spends waiting for data. Prints one JSON object.
 
 1. ``iteration``: images/s of ``models.gan`` critic_step x n_critic + generator_step at 256x256, batch 8,
    cnum 32 (the reference networks), with our batched contextual attention against the same iteration whose
-   generator uses a per-sample-loop attention in the references' style (``loop_attention`` from
-   benchmarks/contextual_attention.py). Variants alternate; medians over ``--repeats`` after one warm-up.
+   generator uses a per-sample-loop attention in the references' style (``reference_attention`` from
+   models/reference.py). Variants alternate; medians over ``--repeats`` after one warm-up.
    An iteration consumes (n_critic + 1) * batch images.
 2. ``ray``: a short ``jobs.train.train`` run on local Ray, 2 CPU workers, real shards (the test photos,
    prepared to a temp folder), reporting the data-wait share of the steady-state window (the first window,
@@ -37,20 +37,17 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import models  # noqa: E402
-from models.gan import LossWeights, critic_step, generator_step  # noqa: E402
+from models.gan import GanOptions, critic_step, generator_step  # noqa: E402
+from models.reference import reference_attention  # noqa: E402
 
 SIZE, BATCH = 256, 8
 
 
 class LoopAttention(nn.Module):
-    """The references' per-sample attention behind the generator's interface (offsets are not computed)."""
+    """The references' per-sample attention behind the generator's interface (every row attends)."""
 
-    def forward(self, f, b, mask):
-        from contextual_attention import loop_attention
-
-        B, _, H, W = f.shape
-        offsets = torch.zeros(B, 2, H // 2, W // 2, dtype=torch.int64)  # not used in training
-        return loop_attention(f, b, mask), offsets
+    def forward(self, f, b, mask, rows=None):
+        return reference_attention(f, b, mask)  # y (B, C, H, W), offsets (B, 2, H/2, W/2)
 
 
 def _batches(n: int, seed: int = 0):
@@ -75,22 +72,22 @@ def bench_iteration(repeats: int, n_critic: int) -> dict:
         gen = models.InpaintGenerator(cnum=32)
         if loop:
             gen.attention = LoopAttention()
-        local, glob = models.LocalCritic(64, SIZE // 2), models.GlobalCritic(64, SIZE)
+        local, glob = models.local_critic(64, SIZE // 2), models.global_critic(64, SIZE)
         opt_g = torch.optim.Adam(gen.parameters(), lr=1e-4, betas=(0.5, 0.9))
         opt_d = torch.optim.Adam(list(local.parameters()) + list(glob.parameters()), lr=1e-4, betas=(0.5, 0.9))
         return gen, local, glob, opt_g, opt_d
 
     variants = {"ours": build(False), "loop": build(True)}
     data = _batches(n_critic + 1)
-    weights = LossWeights()
+    gan = GanOptions()
 
     def iteration(nets) -> float:
         gen, local, glob, opt_g, opt_d = nets
         t = time.perf_counter()
         for image, mask, _ in data[:n_critic]:
-            critic_step(gen, local, glob, opt_d, image, mask, local_size=SIZE // 2, weights=weights)
+            critic_step(gen, local, glob, opt_d, image, mask, local_size=SIZE // 2, gan=gan)
         image, mask, weight = data[n_critic]
-        generator_step(gen, local, glob, opt_g, image, mask, weight, local_size=SIZE // 2, weights=weights)
+        generator_step(gen, local, glob, opt_g, image, mask, weight, local_size=SIZE // 2, gan=gan)
         return time.perf_counter() - t
 
     times = {k: [] for k in variants}
@@ -112,7 +109,7 @@ def bench_iteration(repeats: int, n_critic: int) -> dict:
 def bench_ray(steps: int) -> dict:
     import ray
 
-    from jobs.config import load_config
+    from jobs.options import load_config
     from jobs.train import TrainConfig, train
     from pipeline.shards import prepare
     from tests.imaging import write_good_images

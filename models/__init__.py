@@ -4,23 +4,29 @@ Imports only torch, numpy and the standard library.
 """
 
 from models import checkpoint, losses
-from models.attention import ContextualAttention, flow_to_image
-from models.critics import GlobalCritic, LocalCritic, crop_around_holes, hole_crop_corners
+from models.attention import ContextualAttention
+from models.critics import Critic, crop_around_holes, global_critic, hole_crop_corners, local_critic
 from models.generator import InpaintGenerator
-from models.inpaint import for_inference, inpaint, to_model_range, to_uint8
+from models.inpaint import for_inference, inpaint, inpaint_uint8, to_model_range, to_uint8
+from models.visualize import flow_to_image, masked_input, picture_grid, upsample_nearest
 
 __all__ = [
     "ContextualAttention",
-    "flow_to_image",
     "InpaintGenerator",
-    "LocalCritic",
-    "GlobalCritic",
+    "Critic",
+    "local_critic",
+    "global_critic",
     "crop_around_holes",
     "hole_crop_corners",
     "inpaint",
+    "inpaint_uint8",
     "for_inference",
     "to_model_range",
     "to_uint8",
+    "flow_to_image",
+    "masked_input",
+    "upsample_nearest",
+    "picture_grid",
     "losses",
     "checkpoint",
 ]

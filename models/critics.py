@@ -8,44 +8,43 @@ import torch.nn as nn
 from models.layers import DisConv
 
 
-class LocalCritic(nn.Module):
-    """Critic on a (B,3,size,size) crop around the hole, in [-1,1]. 4 DisConvs (c, 2c, 4c, 8c) + linear -> (B,1).
+class Critic(nn.Module):
+    """WGAN-GP critic on a (B,3,size,size) image in [-1,1]: 4 DisConvs (c, 2c, 4c, last_mult*c, each halving
+    the side) + linear -> (B,1) unbounded scores.
+
+    The DeepFill v1 release has two: the local critic on a crop around the hole (``local_critic``,
+    last_mult 8) and the global critic on the whole image (``global_critic``, last_mult 4).
+    """
+
+    def __init__(self, cnum: int = 64, size: int = 256, last_mult: int = 4):
+        super().__init__()
+        if size % 16:
+            raise ValueError(f"critic size must be a multiple of 16, got {size}")
+        c = cnum
+        self.size = size
+        self.features = nn.Sequential(DisConv(3, c), DisConv(c, 2 * c), DisConv(2 * c, 4 * c),
+                                      DisConv(4 * c, last_mult * c))  # (B, last_mult*c, size/16, size/16)
+        self.linear = nn.Linear(last_mult * c * (size // 16) ** 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B,3,size,size) in [-1,1] -> (B,1) unbounded scores."""
+        return self.linear(self.features(x).flatten(1))
+
+
+def local_critic(cnum: int = 64, size: int = 128) -> Critic:
+    """The local critic, on a (B,3,size,size) crop around the hole (DisConvs c, 2c, 4c, 8c).
 
     cnum=64, size=128: 4,339,329 parameters.
     """
-
-    def __init__(self, cnum: int = 64, size: int = 128):
-        super().__init__()
-        if size % 16:
-            raise ValueError(f"critic size must be a multiple of 16, got {size}")
-        c = cnum
-        self.size = size
-        self.features = nn.Sequential(DisConv(3, c), DisConv(c, 2 * c), DisConv(2 * c, 4 * c), DisConv(4 * c, 8 * c))
-        self.linear = nn.Linear(8 * c * (size // 16) ** 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,3,size,size) in [-1,1] -> (B,1) unbounded scores."""
-        return self.linear(self.features(x).flatten(1))
+    return Critic(cnum, size, last_mult=8)
 
 
-class GlobalCritic(nn.Module):
-    """Critic on the whole (B,3,size,size) image, in [-1,1]. 4 DisConvs (c, 2c, 4c, 4c) + linear -> (B,1).
+def global_critic(cnum: int = 64, size: int = 256) -> Critic:
+    """The global critic, on the whole (B,3,size,size) image (DisConvs c, 2c, 4c, 4c).
 
     cnum=64, size=256: 2,733,441 parameters.
     """
-
-    def __init__(self, cnum: int = 64, size: int = 256):
-        super().__init__()
-        if size % 16:
-            raise ValueError(f"critic size must be a multiple of 16, got {size}")
-        c = cnum
-        self.size = size
-        self.features = nn.Sequential(DisConv(3, c), DisConv(c, 2 * c), DisConv(2 * c, 4 * c), DisConv(4 * c, 4 * c))
-        self.linear = nn.Linear(4 * c * (size // 16) ** 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B,3,size,size) in [-1,1] -> (B,1) unbounded scores."""
-        return self.linear(self.features(x).flatten(1))
+    return Critic(cnum, size, last_mult=4)
 
 
 def hole_crop_corners(mask: torch.Tensor, size: int) -> torch.Tensor:

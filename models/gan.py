@@ -2,7 +2,8 @@
 
 Each takes the networks, its optimiser and one batch, does forward, backward and ``optimizer.step()``, and
 returns a dict of float metrics. Nothing here knows about Ray, MLflow or the data pipeline: the training loop
-moves batches to the device, calls these, reports and checkpoints.
+moves batches to the device, calls these (``GanOptions.n_critic`` critic steps per generator step), reports
+and checkpoints. ``GanOptions`` is also the ``gan:`` section of the training config.
 
 Tensors (every function):
 - image: (B, 3, H, W) float in [-1, 1], the ground truth; H and W multiples of 8, the local critic's input
@@ -29,15 +30,23 @@ from models import losses
 from models.critics import crop_around_holes
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    """Loss weights of the reference (TF inpaint.yml v1.0.0)."""
+@dataclass
+class GanOptions:
+    """WGAN-GP schedule and loss weights (the reference's inpaint.yml)."""
 
-    l1: float = 1.2  # spatially discounted hole L1 (coarse + refined)
-    ae: float = 1.2  # known-pixel L1 (coarse + refined)
-    gan: float = 0.001  # adversarial term of the generator
-    gp: float = 10.0  # gradient penalty of the critics
-    coarse: float = 1.2  # weight of the coarse stage inside l1 and ae; the refined stage has weight 1
+    n_critic: int = 5  # critic steps per generator step, each on a fresh batch
+    l1_weight: float = 1.2  # weight of the spatially discounted hole L1 in the generator loss
+    ae_weight: float = 1.2  # weight of the known-pixel (auto-encoder) L1
+    gan_weight: float = 0.001  # weight of the adversarial term -(D_local(fake) + D_global(fake))
+    gp_weight: float = 10.0  # weight of the gradient penalty in the critic loss
+    coarse_weight: float = 1.2  # weight of the coarse stage inside the L1 and AE losses (refined has 1)
+
+    def __post_init__(self):
+        if self.n_critic < 1:
+            raise ValueError(f"gan.n_critic must be >= 1, got {self.n_critic}")
+        for name in ("l1_weight", "ae_weight", "gan_weight", "gp_weight", "coarse_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"gan.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -73,15 +82,15 @@ def composite(output: torch.Tensor, image: torch.Tensor, mask: torch.Tensor) -> 
 
 def critic_step(generator: nn.Module, local_critic: nn.Module, global_critic: nn.Module,
                 optimizer: torch.optim.Optimizer, image: torch.Tensor, mask: torch.Tensor, *,
-                local_size: int, weights: LossWeights = LossWeights(),
+                local_size: int, gan: GanOptions = GanOptions(),
                 amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One update of both critics (WGAN-GP) on one batch.
 
     The generator's refined output is composited into the hole (no gradient to the generator). Each critic
     sees real and fake in one forward pass: the local critic on ``local_size`` crops centred on each sample's
     hole, the global critic on the whole image. Loss = sum over both critics of
-    ``mean D(fake) - mean D(real) + weights.gp * gradient_penalty``; the penalty's slopes are taken over hole
-    pixels only and computed in float32 (outside autocast).
+    ``mean D(fake) - mean D(real) + gan.gp_weight * gradient_penalty``; the penalty's slopes are taken over
+    hole pixels only and computed in float32 (outside autocast).
 
     Returns floats: ``d_loss`` (the total), ``d_wasserstein`` (mean D(real) - mean D(fake), both critics
     summed: the critics' estimate of the distance, should stay positive and shrink as G improves),
@@ -104,7 +113,7 @@ def critic_step(generator: nn.Module, local_critic: nn.Module, global_critic: nn
     adv = losses.critic_loss(d_real_local, d_fake_local) + losses.critic_loss(d_real_global, d_fake_global)
     gp = (losses.gradient_penalty(local_critic, real_local, fake_local, mask_local)
           + losses.gradient_penalty(global_critic, image, fake, mask))
-    loss = adv + weights.gp * gp
+    loss = adv + gan.gp_weight * gp
     loss.backward()
     optimizer.step()
     return {"d_loss": loss.item(), "d_wasserstein": -adv.item(), "d_gp": gp.item()}
@@ -112,11 +121,11 @@ def critic_step(generator: nn.Module, local_critic: nn.Module, global_critic: nn
 
 def generator_step(generator: nn.Module, local_critic: nn.Module, global_critic: nn.Module,
                    optimizer: torch.optim.Optimizer, image: torch.Tensor, mask: torch.Tensor,
-                   weight: torch.Tensor, *, local_size: int, weights: LossWeights = LossWeights(),
+                   weight: torch.Tensor, *, local_size: int, gan: GanOptions = GanOptions(),
                    amp_dtype: torch.dtype | None = None) -> dict[str, float]:
     """One update of the generator on one batch; the critics are frozen and run unwrapped.
 
-    Loss = ``weights.l1 * l1 + weights.ae * ae + weights.gan * (g_local + g_global)`` with
+    Loss = ``gan.l1_weight * l1 + gan.ae_weight * ae + gan.gan_weight * (g_local + g_global)`` with
     l1 = coarse-weighted spatially discounted L1 over the hole, ae = coarse-weighted L1 over known pixels,
     g = -mean D(composite) for each critic.
 
@@ -128,14 +137,14 @@ def generator_step(generator: nn.Module, local_critic: nn.Module, global_critic:
         with _autocast(image.device, amp_dtype):
             coarse, refined, _ = generator(image, mask)
         coarse, refined = coarse.float(), refined.float()  # (B, 3, H, W) each
-        l1 = losses.l1_loss(image, coarse, refined, mask, weight, coarse_alpha=weights.coarse)
-        ae = losses.ae_loss(image, coarse, refined, mask, coarse_alpha=weights.coarse)
+        l1 = losses.l1_loss(image, coarse, refined, mask, weight, coarse_alpha=gan.coarse_weight)
+        ae = losses.ae_loss(image, coarse, refined, mask, coarse_alpha=gan.coarse_weight)
         fake = composite(refined, image, mask)  # (B, 3, H, W), gradient flows to the generator
         with _autocast(image.device, amp_dtype):
             d_local = local_plain(crop_around_holes(fake, mask, local_size)).float()  # (B, 1)
             d_global = global_plain(fake).float()  # (B, 1)
         adv = losses.generator_adv_loss(d_local) + losses.generator_adv_loss(d_global)
-        loss = weights.l1 * l1 + weights.ae * ae + weights.gan * adv
+        loss = gan.l1_weight * l1 + gan.ae_weight * ae + gan.gan_weight * adv
         loss.backward()
     optimizer.step()
     return {"g_loss": loss.item(), "g_l1": l1.item(), "g_ae": ae.item(), "g_adv": adv.item()}

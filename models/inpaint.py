@@ -37,8 +37,8 @@ def for_inference(generator):
 
     Returns the generator. Convolutions with channels_last weights run in NHWC and hand NHWC activations on
     (oneDNN on CPU, cuDNN's tensor-core kernels on CUDA): the same numbers up to float summation order,
-    1.1-1.2x faster per 512x512 image on CPU (benchmarks/infer.py). Not for training: on CPU the NHWC
-    backward was slower than the default layout. ``jobs.serving`` loads every model for inference this way.
+    faster per image on CPU (benchmarks/infer.py measures it). Not for training: on CPU the NHWC backward
+    was slower than the default layout. ``jobs.serving`` loads every model for inference this way.
     """
     generator.eval()
     return generator.to(memory_format=torch.channels_last)
@@ -84,3 +84,34 @@ def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offset
         attention.max_score_bytes = saved_budget
         generator.train(was_training)
     return (out, offsets) if return_offsets else out
+
+
+def inpaint_uint8(generator, image: np.ndarray, mask: np.ndarray, *, return_offsets: bool = False):
+    """Inpaint uint8 images through ``inpaint`` (the one inference path).
+
+    image: uint8 (N,H,W,3) RGB in [0,255] (any H, W). mask: (N,H,W,1) or (N,H,W), nonzero = hole ({0,1} or
+    {0,255}). Returns a uint8 (N,H,W,3) numpy array: the refined output in the holes, the input exactly
+    elsewhere; with return_offsets also the attention offsets tensor (N,2,ceil(H/8),ceil(W/8)) int64 from
+    ``inpaint``. Raises ValueError for a non-uint8 or wrongly shaped image or a mask of another shape.
+    """
+    image = np.asarray(image)
+    mask = np.asarray(mask)
+    if image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 (N, H, W, 3), got {image.dtype} {image.shape}")
+    if mask.ndim == 3:
+        mask = mask[..., None]  # (N, H, W, 1)
+    if mask.shape != image.shape[:3] + (1,):
+        raise ValueError(f"mask must be (N, H, W, 1) matching image {image.shape}, got {mask.shape}")
+    device = next(generator.parameters()).device
+    x = to_model_range(torch.from_numpy(np.ascontiguousarray(image))).to(device)  # (N, 3, H, W)
+    m = torch.from_numpy((mask > 0).astype(np.float32)).permute(0, 3, 1, 2).to(device)  # (N, 1, H, W)
+    out = inpaint(generator, x, m, return_offsets=return_offsets)
+    if return_offsets:
+        composite, offsets = out
+    else:
+        composite, offsets = out, None
+    result = to_uint8(composite).cpu().numpy()  # (N, H, W, 3)
+    # the composite keeps known pixels of the [-1, 1] input; the uint8 round trip must give them back exactly
+    known = mask[..., 0] == 0  # (N, H, W)
+    result[known] = image[known]
+    return (result, offsets) if return_offsets else result

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import models
-from models.gan import LossWeights, critic_step, frozen, generator_step
+from models.gan import GanOptions, critic_step, frozen, generator_step
 
 SIZE = 32
 
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _setup(seed: int = 0):
     torch.manual_seed(seed)
     gen = models.InpaintGenerator(cnum=4)
-    local = models.LocalCritic(cnum=4, size=SIZE // 2)
-    glob = models.GlobalCritic(cnum=4, size=SIZE)
+    local = models.local_critic(cnum=4, size=SIZE // 2)
+    glob = models.global_critic(cnum=4, size=SIZE)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(list(local.parameters()) + list(glob.parameters()), lr=1e-3, betas=(0.5, 0.9))
     return gen, local, glob, opt_g, opt_d
@@ -82,8 +82,8 @@ def test_generator_step_updates_only_the_generator_and_unfreezes_the_critics():
 def test_generator_loss_is_the_weighted_sum_of_its_terms():
     gen, local, glob, opt_g, _ = _setup()
     image, mask, weight = _batch()
-    w = LossWeights(l1=0.7, ae=0.3, gan=0.05, gp=10.0, coarse=1.2)
-    out = generator_step(gen, local, glob, opt_g, image, mask, weight, local_size=SIZE // 2, weights=w)
+    w = GanOptions(l1_weight=0.7, ae_weight=0.3, gan_weight=0.05, gp_weight=10.0, coarse_weight=1.2)
+    out = generator_step(gen, local, glob, opt_g, image, mask, weight, local_size=SIZE // 2, gan=w)
     expected = 0.7 * out["g_l1"] + 0.3 * out["g_ae"] + 0.05 * out["g_adv"]
     assert math.isclose(out["g_loss"], expected, rel_tol=1e-5, abs_tol=1e-6)
 
@@ -91,8 +91,21 @@ def test_generator_loss_is_the_weighted_sum_of_its_terms():
 def test_critic_loss_is_the_wasserstein_term_plus_the_weighted_penalty():
     gen, local, glob, _, opt_d = _setup()
     image, mask, _ = _batch()
-    out = critic_step(gen, local, glob, opt_d, image, mask, local_size=SIZE // 2, weights=LossWeights(gp=3.0))
+    out = critic_step(gen, local, glob, opt_d, image, mask, local_size=SIZE // 2, gan=GanOptions(gp_weight=3.0))
     assert math.isclose(out["d_loss"], -out["d_wasserstein"] + 3.0 * out["d_gp"], rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_gan_options_defaults_and_validation():
+    gan = GanOptions()
+    assert (gan.n_critic, gan.l1_weight, gan.ae_weight, gan.gan_weight, gan.gp_weight, gan.coarse_weight) == (
+        5, 1.2, 1.2, 0.001, 10.0, 1.2)
+    gan.gp_weight = 3.0  # a plain (mutable) dataclass: the config tree sets its fields
+    with pytest.raises(ValueError, match=r"^gan\.n_critic must be >= 1, got 0$"):
+        GanOptions(n_critic=0)
+    with pytest.raises(ValueError, match=r"^gan\.l1_weight must be >= 0, got -1\.0$"):
+        GanOptions(l1_weight=-1.0)
+    with pytest.raises(ValueError, match=r"^gan\.coarse_weight must be >= 0"):
+        GanOptions(coarse_weight=-0.5)
 
 
 def test_frozen_restores_requires_grad():

@@ -1,49 +1,13 @@
 """ContextualAttention against a direct per-sample implementation of the reference definition."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models import ContextualAttention, flow_to_image
+from models import ContextualAttention
+from models.reference import reference_attention
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def naive_attention(f, b, mask, ksize=3, rate=2, fuse_k=3, scale=10.0, fuse=True):
-    """Per-sample loop in the references' structure: unfold patches, conv scores, 3x3 identity-kernel fuse
-    convolutions over the (L_fg x L_bg) map, masked softmax, conv_transpose paste-back / exact overlap count."""
-    B, C, H, W = f.shape
-    r, k, p = rate, ksize, ksize // 2
-    h, w, hb, wb = H // r, W // r, b.shape[2] // r, b.shape[3] // r
-    L, Lb = h * w, hb * wb
-    ys, offs = [], []
-    for i in range(B):
-        fi, bi, mi = f[i:i + 1], b[i:i + 1], mask[i:i + 1]
-        bpad = F.pad(bi, (r // 2, r - r // 2, r // 2, r - r // 2))
-        raw = F.unfold(bpad, 2 * r, stride=r).view(C, 2 * r, 2 * r, Lb).permute(3, 0, 1, 2)  # (Lb, C, 2r, 2r)
-        fd, bd = fi[:, :, ::r, ::r], bi[:, :, ::r, ::r]
-        wp = F.unfold(bd, k, padding=p).view(C, k, k, Lb).permute(3, 0, 1, 2)  # (Lb, C, k, k)
-        wn = wp / wp.flatten(1).norm(dim=1).clamp_min(1e-4)[:, None, None, None]
-        s = F.conv2d(fd, wn, padding=p).view(Lb, L).t()  # (L, Lb)
-        if fuse:
-            eye = torch.eye(fuse_k, dtype=f.dtype).view(1, 1, fuse_k, fuse_k)
-            s = F.conv2d(s.view(1, 1, L, Lb), eye, padding=fuse_k // 2)
-            s = s.view(1, h, w, hb, wb).permute(0, 2, 1, 4, 3).reshape(1, 1, L, Lb)
-            s = F.conv2d(s, eye, padding=fuse_k // 2)
-            s = s.view(1, w, h, wb, hb).permute(0, 2, 1, 4, 3).reshape(L, Lb)
-        md = F.max_pool2d(mi, r)
-        valid = (F.max_pool2d(md, k, stride=1, padding=p) < 0.5).view(Lb)
-        logits = (s * scale).masked_fill(~valid, float("-inf"))
-        attn = torch.softmax(logits, dim=1)  # (L, Lb)
-        best = logits.argmax(1)
-        fy, fx = torch.arange(L) // w, torch.arange(L) % w
-        offs.append(torch.stack([best // wb - fy, best % wb - fx]).view(1, 2, h, w))
-        y = F.conv_transpose2d(attn.t().reshape(1, Lb, h, w), raw, stride=r)
-        cnt = F.conv_transpose2d(torch.ones(1, 1, h, w, dtype=f.dtype), torch.ones(1, 1, 2 * r, 2 * r, dtype=f.dtype), stride=r)
-        y = (y / cnt)[:, :, r // 2:r // 2 + H, r // 2:r // 2 + W]
-        ys.append(y)
-    return torch.cat(ys), torch.cat(offs)
 
 
 def _inputs(B=3, C=6, H=16, W=20, seed=0, dtype=torch.float64):
@@ -63,7 +27,7 @@ def test_matches_reference_definition(fuse):
     f, b, mask = _inputs()
     att = ContextualAttention(fuse=fuse)
     y, off = att(f, b, mask)
-    y_ref, off_ref = naive_attention(f, b, mask, fuse=fuse)
+    y_ref, off_ref = reference_attention(f, b, mask, fuse=fuse)
     assert y.shape == f.shape and off.shape == (3, 2, 8, 10) and off.dtype == torch.int64
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     assert torch.equal(off, off_ref)
@@ -72,7 +36,7 @@ def test_matches_reference_definition(fuse):
 def test_self_attention_different_sizes():
     f, b, mask = _inputs(B=2, H=20, W=12)
     y, off = ContextualAttention()(f, f, mask)
-    y_ref, off_ref = naive_attention(f, f, mask)
+    y_ref, off_ref = reference_attention(f, f, mask)
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     assert torch.equal(off, off_ref)
 
@@ -118,7 +82,7 @@ def test_values_and_gradients_match_reference_definition(rows, max_runs, monkeyp
         att.max_score_bytes = 3 * 8 * 80 * 8 * rows  # `rows` foreground rows per chunk (float64)
     wy = torch.randn(f.shape, generator=torch.Generator().manual_seed(1), dtype=f.dtype)
     ys, grads = [], []
-    for fn in (lambda f, b: att(f, b, mask)[0], lambda f, b: naive_attention(f, b, mask)[0]):
+    for fn in (lambda f, b: att(f, b, mask)[0], lambda f, b: reference_attention(f, b, mask)[0]):
         fi, bi = f.clone().requires_grad_(True), b.clone().requires_grad_(True)
         ys.append(fn(fi, bi))
         grads.append(torch.autograd.grad((ys[-1] * wy).sum(), (fi, bi)))
@@ -202,13 +166,3 @@ def test_bf16_autocast_cpu():
         y, off = att(f, b, mask)
     assert y.shape == f.shape and torch.isfinite(y.float()).all()
 
-
-def test_flow_to_image():
-    off = torch.zeros(2, 2, 4, 5, dtype=torch.int64)
-    off[0, 1, 0, 0] = 3  # pointing right
-    off[0, 0, 1, 1] = -3  # pointing up
-    img = flow_to_image(off)
-    assert img.dtype == np.uint8 and img.shape == (2, 4, 5, 3)
-    assert (img[1] == 255).all()  # zero offsets are white
-    assert img[0, 2, 2].tolist() == [255, 255, 255]
-    assert not np.array_equal(img[0, 0, 0], img[0, 1, 1])  # direction changes the hue

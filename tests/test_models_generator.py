@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from models import GlobalCritic, InpaintGenerator, LocalCritic, crop_around_holes, hole_crop_corners, losses
+from models import (Critic, InpaintGenerator, crop_around_holes, global_critic, hole_crop_corners, local_critic,
+                    losses)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,8 +25,20 @@ def test_parameter_count_matches_release():
 
 
 def test_critic_parameter_counts():
-    assert sum(p.numel() for p in LocalCritic(cnum=64, size=128).parameters()) == 4_339_329
-    assert sum(p.numel() for p in GlobalCritic(cnum=64, size=256).parameters()) == 2_733_441
+    assert sum(p.numel() for p in local_critic(cnum=64, size=128).parameters()) == 4_339_329
+    assert sum(p.numel() for p in global_critic(cnum=64, size=256).parameters()) == 2_733_441
+
+
+def test_critic_factories_and_state_dict_keys():
+    local, glob = local_critic(cnum=8, size=32), global_critic(cnum=8, size=64)
+    assert isinstance(local, Critic) and isinstance(glob, Critic)
+    assert local.features[3].conv.out_channels == 64 and glob.features[3].conv.out_channels == 32
+    keys = [f"features.{i}.conv.{t}" for i in range(4) for t in ("weight", "bias")] + ["linear.weight", "linear.bias"]
+    assert list(local.state_dict()) == keys and list(glob.state_dict()) == keys
+    same = Critic(cnum=8, size=32, last_mult=8)
+    same.load_state_dict(local.state_dict())  # the same layout as local_critic
+    with pytest.raises(ValueError, match="multiple of 16"):
+        Critic(size=40)
 
 
 @pytest.mark.parametrize("H,W", [(64, 64), (48, 80), (72, 40)])
@@ -123,8 +136,8 @@ def test_generator_bf16_autocast_cpu():
 
 def test_critics_shapes():
     x = torch.rand(3, 3, 64, 64) * 2 - 1
-    assert LocalCritic(cnum=8, size=32)(x[:, :, :32, :32]).shape == (3, 1)
-    assert GlobalCritic(cnum=8, size=64)(x).shape == (3, 1)
+    assert local_critic(cnum=8, size=32)(x[:, :, :32, :32]).shape == (3, 1)
+    assert global_critic(cnum=8, size=64)(x).shape == (3, 1)
 
 
 def test_crop_around_holes_centres_and_clamps():

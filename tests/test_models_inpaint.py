@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import InpaintGenerator, checkpoint, for_inference, inpaint, to_model_range, to_uint8
+from models import InpaintGenerator, checkpoint, for_inference, inpaint, inpaint_uint8, to_model_range, to_uint8
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,6 +64,57 @@ def test_for_inference_is_channels_last_and_gives_the_same_composite(gen):
     assert torch.equal(offsets, off_ref)
     known = (mask == 0).expand_as(image)
     assert torch.equal(out[known], image[known])
+
+
+def _uint8_inputs(N, H, W, hole=1):
+    rng = np.random.default_rng(H * 1000 + W)
+    image = rng.integers(0, 256, size=(N, H, W, 3), dtype=np.uint8)
+    mask = np.zeros((N, H, W, 1), np.uint8)
+    mask[0, H // 4:H // 2, W // 3:W // 2] = hole
+    mask[-1, 1:5, W - 8:W - 2] = hole
+    return image, mask
+
+
+@pytest.mark.parametrize("H,W", [(64, 48), (37, 29)])
+def test_inpaint_uint8_keeps_known_pixels_exactly(gen, H, W):
+    image, mask = _uint8_inputs(2, H, W)
+    out = inpaint_uint8(gen, image, mask)
+    assert isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == (2, H, W, 3)
+    known = mask[..., 0] == 0
+    assert np.array_equal(out[known], image[known])  # exactly the input
+    assert not np.array_equal(out[~known], image[~known])  # holes were filled
+    # the same composite as inpaint() on the model range, rounded to uint8
+    x = to_model_range(image)
+    m = torch.from_numpy(mask).permute(0, 3, 1, 2).float()
+    expected = to_uint8(inpaint(gen, x, m)).numpy()
+    assert np.array_equal(out[~known], expected[~known])
+
+
+def test_inpaint_uint8_mask_shapes_values_and_offsets(gen):
+    image, mask = _uint8_inputs(2, 32, 40)
+    out = inpaint_uint8(gen, image, mask)
+    assert np.array_equal(inpaint_uint8(gen, image, mask[..., 0]), out)  # (N, H, W) masks too
+    _, mask255 = _uint8_inputs(2, 32, 40, hole=255)
+    assert np.array_equal(inpaint_uint8(gen, image, mask255), out)  # nonzero = hole
+    filled, offsets = inpaint_uint8(gen, image, mask, return_offsets=True)
+    assert np.array_equal(filled, out)
+    assert isinstance(offsets, torch.Tensor) and offsets.shape == (2, 2, 4, 5) and offsets.dtype == torch.int64
+
+
+def test_inpaint_uint8_rejects_bad_shapes_and_dtypes(gen):
+    image, mask = _uint8_inputs(2, 16, 16)
+    with pytest.raises(ValueError, match=r"image must be uint8 \(N, H, W, 3\)"):
+        inpaint_uint8(gen, image.astype(np.float32), mask)
+    with pytest.raises(ValueError, match=r"image must be uint8 \(N, H, W, 3\)"):
+        inpaint_uint8(gen, image[0], mask[0])
+    with pytest.raises(ValueError, match=r"image must be uint8 \(N, H, W, 3\)"):
+        inpaint_uint8(gen, image[..., :1], mask)
+    with pytest.raises(ValueError, match=r"mask must be \(N, H, W, 1\) matching image"):
+        inpaint_uint8(gen, image, mask[:, :-1])
+    with pytest.raises(ValueError, match=r"mask must be \(N, H, W, 1\) matching image"):
+        inpaint_uint8(gen, image, np.repeat(mask, 3, axis=-1))
+    with pytest.raises(ValueError, match=r"mask must be \(N, H, W, 1\) matching image"):
+        inpaint_uint8(gen, image, mask[:1])
 
 
 def test_value_range_helpers_round_trip():

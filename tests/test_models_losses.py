@@ -123,13 +123,13 @@ def test_gradient_penalty_ignores_known_pixels_and_reaches_critic():
 
 
 def test_gradient_penalty_on_real_critic_is_finite():
-    from models import LocalCritic
+    from models import local_critic
 
     torch.manual_seed(0)
     real, fake, mask = _images()
     real, fake = real.repeat(1, 1, 4, 4), fake.repeat(1, 1, 4, 4)
     mask = mask.repeat(1, 1, 4, 4)
-    critic = LocalCritic(cnum=4, size=32)
+    critic = local_critic(cnum=4, size=32)
     gp = losses.gradient_penalty(critic, real, fake.requires_grad_(True), mask)
     gp.backward()
     assert torch.isfinite(gp)
