@@ -11,7 +11,7 @@ Both arms run in this process on the same inputs (JPEG photos on local disk, ``b
 - ``naive_loop``: read, decode, inpaint (batch of 1, torch with ``--cpus`` threads), encode, write, one image
   at a time, through the same helper functions.
 
-``layout``: one ``--size`` image with a ``box`` mask through ``jobs.serving.inpaint_uint8`` on ``--cpus``
+``layout``: one ``--size`` image with a ``box`` mask through ``models.inpaint_uint8`` on ``--cpus``
 threads: the plain model (default layout, attention from every row), channels_last (``models.for_inference``)
 and the infer path (channels_last, attention only from rows that reach a hole); alternating,
 ``--layout-repeats`` each; medians and their ratios.
@@ -72,8 +72,10 @@ def naive_loop(images: str, output: str, keys: list[str], model_path: str, threa
     """The sequential baseline: one image at a time, read -> decode -> inpaint -> encode -> write."""
     import torch
 
+    import models
     from jobs import infer, serving
     from pipeline import storage
+    from pipeline.images import encode_png
 
     torch.set_num_threads(threads)
     generator, _ = serving.load_generator(model_path, device="cpu")
@@ -81,8 +83,8 @@ def naive_loop(images: str, output: str, keys: list[str], model_path: str, threa
     for key in keys:
         data = storage.read_bytes(storage.join(images, key))
         image, mask = infer.decode_pair(key, data, None, mask_preset="box", seed=0, max_pixels=64_000_000)
-        out = serving.inpaint_uint8(generator, image[None], mask[None, ..., None])[0]
-        storage.write_bytes_atomic(storage.join(output, infer.output_key(key)), infer.encode_png(out))
+        out = models.inpaint_uint8(generator, image[None], mask[None, ..., None])[0]
+        storage.write_bytes_atomic(storage.join(output, infer.output_key(key)), encode_png(out))
     return time.perf_counter() - t0
 
 
@@ -102,18 +104,20 @@ def ray_job(images: str, output: str, model_path: str, cpus: int, batch_size: in
 _PEAK_SCRIPT = r"""
 import json, resource, sys, time
 import numpy as np, torch
+import models
 from jobs import infer, serving
+from pipeline.images import encode_png
 torch.set_num_threads(int(sys.argv[3]))
 generator, _ = serving.load_generator(sys.argv[1], device="cpu")
 size = int(sys.argv[2])
 rng = np.random.default_rng(0)
 image = np.clip(rng.normal(128, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-data = infer.encode_png(image)
+data = encode_png(image)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 image, mask = infer.decode_pair("big.png", data, None, mask_preset="box", seed=0, max_pixels=64_000_000)
-out = serving.inpaint_uint8(generator, image[None], mask[None, ..., None])[0]
-png = infer.encode_png(out)
+out = models.inpaint_uint8(generator, image[None], mask[None, ..., None])[0]
+png = encode_png(out)
 seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"size": size, "seconds": seconds, "peak_rss_mib": peak / 1024,
@@ -147,7 +151,7 @@ def layout_latency(model_path: str, size: int, threads: int, repeats: int) -> di
     for _ in range(repeats):
         for name, (generator, every_row) in variants.items():
             t0 = time.perf_counter()
-            out = serving.inpaint_uint8(generator, image, mask, return_offsets=every_row)
+            out = models.inpaint_uint8(generator, image, mask, return_offsets=every_row)
             times[name].append(time.perf_counter() - t0)
             outs[name] = out[0] if every_row else out
     diff = max(int(np.abs(outs["default"].astype(int) - o.astype(int)).max()) for o in outs.values())

@@ -1,10 +1,14 @@
 """The ``deepfill`` command line: ``deepfill {prepare,train,infer,evaluate} ...``.
 
-Each subcommand lives in its own module under ``jobs/`` and exposes two functions:
+Each subcommand lives in its own module under ``jobs/`` and exposes:
 
-- ``add_arguments(parser: argparse.ArgumentParser) -> None``
-- ``run(args: argparse.Namespace) -> int`` (the process exit code)
+- ``Options``: the dataclass tree of its options (``jobs.options`` generates ``--config``, the flags,
+  ``--set`` and ``--print-config`` from it, and the help from its field comments);
+- ``run(options) -> int``: the job, given its resolved options; the return value is the exit code.
 
+Bad options exit with code 2 and one line on stderr (``deepfill infer: batch_size must be >= 1, got 0``);
+a job that fails exits with code 1 and one logged line (credentials removed; the traceback with
+``--log-level DEBUG``).
 Modules are imported only when their subcommand runs, so ``deepfill --help`` stays fast and one job's
 heavy imports never slow another.
 """
@@ -16,7 +20,11 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from importlib import metadata
+
+from jobs.options import ConfigError, add_options, dump_yaml, from_args
+from pipeline.storage import redact
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -46,25 +54,47 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
             module = importlib.import_module(module_name)
-            module.add_arguments(p)
-            p.set_defaults(_run=module.run)
+            add_options(p, module.Options, config_help=getattr(module, "CONFIG_HELP", None))
+            p.set_defaults(_module=module)
     return parser
+
+
+def parse(argv: list[str]):
+    """``deepfill <argv>`` -> (argparse namespace, the job's module, its resolved options or None when no
+    command is given). Raises ``ConfigError`` for bad options and SystemExit for a bad command line."""
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    if args.command is None:
+        return args, None, None
+    return args, args._module, from_args(args._module.Options, args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    command = next((a for a in argv if a in COMMANDS), None)
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
+    try:
+        args, module, opts = parse(argv)
+    except ConfigError as err:
+        command = next((a for a in argv if a in COMMANDS), "")
+        print(f"deepfill {command}: {redact(str(err))}", file=sys.stderr)
+        return 2
+    if module is None:
+        build_parser().print_help()
         return 2
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args._run(args) or 0)
+    if args._print_config:
+        print(dump_yaml(opts), end="")
+        return 0
+    try:
+        return int(module.run(opts) or 0)
+    except Exception as err:  # noqa: BLE001 - one line, credentials removed; the traceback at DEBUG
+        log = logging.getLogger("deepfill")
+        log.debug("%s", redact(traceback.format_exc()))
+        log.error("deepfill %s failed: %s", args.command, redact(f"{type(err).__name__}: {err}"))
+        return 1
 
 
 if __name__ == "__main__":

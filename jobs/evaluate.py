@@ -11,7 +11,7 @@ For each image (sorted keys, the first ``--max-images``):
    ``strokes``, ``mixed``, ``thin``, ``medium``, ``thick``.
 2. mask: ``pipeline.masks.generate_mask(preset, size, size, mask_rng(seed, 0, key))`` (1 = hole), the same
    for every method and every run with the same seed.
-3. inpaint with the model through ``models.inpaint`` (via ``jobs.serving.inpaint_uint8``), and with
+3. inpaint with the model through ``models.inpaint_uint8`` (the one inference path), and with
    ``cv2.inpaint`` Telea and Navier-Stokes (inpaint radius 3 px) on the same masked image.
 4. metrics per image and method (``models.metrics``, all on [0, 1]): l1, l2 (whole image), l1_hole, l2_hole
    (hole pixels only), psnr (whole image, dB), ssim (whole image), tv (of the output; the ground truth's TV is
@@ -19,7 +19,7 @@ For each image (sorted keys, the first ``--max-images``):
 
 Written under ``--output``: ``report.md`` (mean table + definitions), ``metrics.json`` (config, model, means,
 per-image values), ``metrics.csv`` (one row per image and method), ``grid.png`` (one row per image, at most
-``--grid-rows``: masked input | ours | Telea | ground truth | attention map of ``models.flow_to_image``).
+``--grid-rows``: masked input | ours | Telea | ground truth | attention map of ``models.visualize.flow_to_image``).
 ``--save-images`` also writes every method's output as ``images/<method>/<key>.png``.
 
 MLflow: one run in experiment ``--experiment`` (default "deepfill-evaluate") with the settings as params, the
@@ -31,7 +31,6 @@ so each side links to the other. ``--no-mlflow`` skips all of it.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -50,39 +49,43 @@ METHODS = ("ours", "telea", "navier_stokes")
 METRICS = ("l1", "l2", "l1_hole", "l2_hole", "psnr", "ssim", "tv")
 DEFAULT_SIZE = 256
 INPAINT_RADIUS = 3  # pixels; cv2.inpaint's neighbourhood for Telea and Navier-Stokes
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 @dataclass
 class EvaluateOptions:
-    """Everything ``deepfill evaluate`` needs; the CLI flags map one to one."""
+    """Options of ``deepfill evaluate`` (each top-level field is also a flag: ``max_images`` -> ``--max-images``)."""
 
-    images: str  # folder, file:// or s3:// prefix of held-out images
-    model: str  # any jobs.serving.load_generator ref
-    mask_preset: str  # pipeline.masks kind
+    images: str  # folder, file:// or s3:// prefix of the held-out images
+    model: str  # models:/name@alias, models:/name/N, runs:/id/model, a generator file or checkpoint folder
+    mask_preset: str  # the masks: box, strokes, mixed, thin_256, thick_512, ... (pipeline.masks)
     output: str  # folder or s3:// prefix for the report
-    seed: int = 0
-    max_images: int | None = None  # the first N keys (sorted); None = all
-    size: int | None = None  # evaluation size; None = the preset's
+    seed: int = 0  # mask seed: the same masks for every method and every run with the same seed
+    max_images: int | None = None  # evaluate only the first N keys (sorted); default all
+    size: int | None = None  # evaluation size in pixels; default the preset's (thick_512 -> 512), else 256
     batch_size: int = 4  # images per forward pass of the model
     grid_rows: int = 8  # images shown in grid.png
-    save_images: bool = False  # also write every method's output image
-    mlflow: bool = True  # log to MLflow
-    experiment: str = "deepfill-evaluate"
+    save_images: bool = False  # also write every method's output images under images/<method>/
+    mlflow: bool = True  # log the report to MLflow, linked to the model version it judged
+    experiment: str = "deepfill-evaluate"  # MLflow experiment name
 
     def __post_init__(self):
         from pipeline.masks import MASK_KINDS
 
         if self.mask_preset not in MASK_KINDS:
-            raise ValueError(f"--mask-preset must be one of {', '.join(MASK_KINDS)}, got {self.mask_preset!r}")
+            raise ValueError(f"mask_preset must be one of {', '.join(MASK_KINDS)}, got {self.mask_preset!r}")
         if self.size is None:
             self.size = preset_size(self.mask_preset)
         if self.size < 16 or self.size % 8:
-            raise ValueError(f"--size must be a multiple of 8 and at least 16, got {self.size}")
+            raise ValueError(f"size must be a multiple of 8 and at least 16, got {self.size}")
         if self.max_images is not None and self.max_images < 1:
-            raise ValueError(f"--max-images must be >= 1, got {self.max_images}")
+            raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.grid_rows < 0:
+            raise ValueError(f"grid_rows must be >= 0, got {self.grid_rows}")
+
+
+Options = EvaluateOptions  # what `deepfill evaluate` reads (jobs.cli)
 
 
 def preset_size(preset: str) -> int:
@@ -131,45 +134,6 @@ def score(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> dict[str, fl
         "ssim": metrics.ssim(pred, truth),
         "tv": metrics.tv(pred),
     }
-
-
-def _attention_image(offsets, size: int) -> np.ndarray:
-    """Attention offsets (B, 2, h, w) -> uint8 (B, size, size, 3) colour pictures (nearest upsampling)."""
-    import cv2
-
-    import models
-
-    pictures = models.flow_to_image(offsets)  # (B, h, w, 3) uint8
-    pictures = np.asarray(pictures.cpu().numpy() if hasattr(pictures, "cpu") else pictures)
-    return np.stack([cv2.resize(p, (size, size), interpolation=cv2.INTER_NEAREST) for p in pictures])
-
-
-def _png(image: np.ndarray) -> bytes:
-    import cv2
-
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]))
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
-def masked_input(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The image with its hole painted white, as the model sees it."""
-    out = image.copy()
-    out[mask > 0] = 255
-    return out
-
-
-def make_grid(rows: list[list[np.ndarray]], pad: int = 4) -> np.ndarray:
-    """Rows of equal-size uint8 (S, S, 3) tiles -> one uint8 picture with white gutters."""
-    s = rows[0][0].shape[0]
-    cols = max(len(r) for r in rows)
-    grid = np.full((len(rows) * (s + pad) + pad, cols * (s + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, tile in enumerate(row):
-            y, x = pad + i * (s + pad), pad + j * (s + pad)
-            grid[y : y + s, x : x + s] = tile
-    return grid
 
 
 def _fmt(metric: str, value: float) -> str:
@@ -222,10 +186,13 @@ def report_markdown(opts: EvaluateOptions, model_info: dict, means: dict, truth_
 
 def evaluate(opts: EvaluateOptions) -> dict:
     """Run the evaluation; writes the report under opts.output and returns the metrics.json content."""
+    import models
     from jobs import serving
+    from models import visualize
     from pipeline import storage
-    from pipeline.images import ImageRejected, decode_image
+    from pipeline.images import IMAGE_SUFFIXES, ImageRejected, decode_image, encode_png
     from pipeline.masks import generate_mask, mask_rng
+    from pipeline.progress import Progress
 
     size = int(opts.size)
     keys = storage.list_files(opts.images, IMAGE_SUFFIXES)
@@ -252,14 +219,16 @@ def evaluate(opts: EvaluateOptions) -> dict:
 
     outputs = {m: [] for m in METHODS}
     attention = []
-    for start in range(0, len(used), opts.batch_size):
-        sl = slice(start, start + opts.batch_size)
-        filled, offsets = serving.inpaint_uint8(generator, truths_arr[sl], masks_arr[sl][..., None],
-                                                return_offsets=True)
-        outputs["ours"].extend(filled)
-        attention.extend(_attention_image(offsets, size))
-    for method in ("telea", "navier_stokes"):
-        outputs[method] = [classical_inpaint(t, m, method) for t, m in zip(truths_arr, masks_arr)]
+    with Progress("evaluate", total=len(used), unit="images") as progress:
+        for start in range(0, len(used), opts.batch_size):
+            sl = slice(start, start + opts.batch_size)
+            filled, offsets = models.inpaint_uint8(generator, truths_arr[sl], masks_arr[sl][..., None],
+                                                   return_offsets=True)
+            outputs["ours"].extend(filled)
+            attention.extend(visualize.upsample_nearest(visualize.flow_to_image(offsets), size, size))
+            for method in ("telea", "navier_stokes"):
+                outputs[method].extend(classical_inpaint(t, m, method) for t, m in zip(truths_arr[sl], masks_arr[sl]))
+            progress.update(len(filled))
 
     from models import metrics
 
@@ -289,16 +258,16 @@ def evaluate(opts: EvaluateOptions) -> dict:
         "metrics.csv": _csv(per_image),
         "report.md": report_markdown(opts, model_info, means, truth_tv, len(used), skipped).encode(),
     }
-    grid_rows = []
-    for i in range(min(opts.grid_rows, len(used))):
-        grid_rows.append([masked_input(truths_arr[i], masks_arr[i]), outputs["ours"][i], outputs["telea"][i],
-                          truths_arr[i], attention[i]])
-    files["grid.png"] = _png(make_grid(grid_rows))
+    shown = slice(0, min(opts.grid_rows, len(used)))
+    if shown.stop:
+        columns = [visualize.masked_input(truths_arr[shown], masks_arr[shown]), np.stack(outputs["ours"][shown]),
+                   np.stack(outputs["telea"][shown]), truths_arr[shown], np.stack(attention[shown])]
+        files["grid.png"] = encode_png(visualize.picture_grid(columns, gap=4, border=4))
     if opts.save_images:
         for method in (*METHODS, "truth"):
             images = truths_arr if method == "truth" else outputs[method]
             for key, img in zip(used, images):
-                files[f"images/{method}/{key.rsplit('.', 1)[0]}.png"] = _png(img)
+                files[f"images/{method}/{key.rsplit('.', 1)[0]}.png"] = encode_png(img)
     for name, data in files.items():
         storage.write_bytes_atomic(storage.join(opts.output, name), data)
     log.info("evaluated %d images: ours psnr %.2f dB, telea %.2f dB, navier_stokes %.2f dB", len(used),
@@ -349,40 +318,11 @@ def _log_to_mlflow(opts: EvaluateOptions, model_info: dict, means: dict, truth_t
         return run.info.run_id
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True, help="folder, file:// or s3:// prefix of held-out images")
-    parser.add_argument("--model", required=True,
-                        help="models:/name@alias, models:/name/N, runs:/id/model, a generator file or checkpoint folder")
-    parser.add_argument("--mask-preset", required=True, help="box, strokes, mixed, thin_256, thick_512, ...")
-    parser.add_argument("--output", required=True, help="folder or s3:// prefix for the report")
-    parser.add_argument("--seed", type=int, default=0, help="mask seed (default 0)")
-    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N keys")
-    parser.add_argument("--size", type=int, default=None, help="evaluation size (default: the preset's, else 256)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    parser.add_argument("--grid-rows", type=int, default=8, help="images shown in grid.png (default 8)")
-    parser.add_argument("--save-images", action="store_true", help="also write each method's output images")
-    parser.add_argument("--experiment", default="deepfill-evaluate", help="MLflow experiment name")
-    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-
-
-def run(args: argparse.Namespace) -> int:
+def run(opts: EvaluateOptions) -> int:
+    """``deepfill evaluate`` once its options are resolved (``jobs.cli``): prints a JSON summary."""
     from pipeline.storage import redact
 
-    try:
-        opts = EvaluateOptions(
-            images=args.images, model=args.model, mask_preset=args.mask_preset, output=args.output,
-            seed=args.seed, max_images=args.max_images, size=args.size, batch_size=args.batch_size,
-            grid_rows=args.grid_rows, save_images=args.save_images, mlflow=not args.no_mlflow,
-            experiment=args.experiment,
-        )
-    except ValueError as err:
-        log.error("%s", err)
-        return 2
-    try:
-        result = evaluate(opts)
-    except Exception as err:  # noqa: BLE001 - a clean one-line failure, credentials removed
-        log.error("deepfill evaluate failed: %s", redact(f"{type(err).__name__}: {err}"))
-        return 1
+    result = evaluate(opts)
     print(json.dumps({"count": result["count"], "mean": result["mean"], "output": redact(opts.output)}))
     return 0
 

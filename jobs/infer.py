@@ -34,7 +34,6 @@ mask without hole pixels), ``output_collision`` (two inputs map to one output ke
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import json
 import logging
@@ -42,14 +41,16 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.images import IMAGE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_NAME = "manifest.jsonl"
-OUTPUT_FORMATS = ("png",)
 STATUSES = ("ok", "skipped", "error")
 MAX_BATCH_PIXELS = 2048 * 2048  # images of one size share a forward pass up to this many pixels
 MANIFEST_FIELDS = ("key", "output", "status", "reason", "hole_fraction", "seconds", "height", "width", "run")
@@ -57,38 +58,43 @@ MANIFEST_FIELDS = ("key", "output", "status", "reason", "hole_fraction", "second
 
 @dataclass
 class InferOptions:
-    """Everything ``deepfill infer`` needs; the CLI flags map one to one."""
+    """Options of ``deepfill infer`` (each top-level field is also a flag: ``batch_size`` -> ``--batch-size``)."""
 
-    images: str  # folder, file:// or s3:// prefix of input images
+    images: str  # folder, file:// or s3:// prefix of the input images
     output: str  # folder, file:// or s3:// prefix for the inpainted PNGs and manifest.jsonl
-    model: str  # models:/name@alias | models:/name/N | runs:/id/model | generator file | checkpoint folder
-    masks: str | None = None  # tree of masks paired by relative key (white = hole); or use mask_preset
-    mask_preset: str | None = None  # pipeline.masks kind drawn per key from mask_rng(seed, 0, key)
-    seed: int = 0  # seed of the mask preset
-    batch_size: int = 4  # rows per actor call
-    num_actors: int = 2  # model actors in the pool
+    model: str  # models:/name@alias, models:/name/N, runs:/id/model, a generator file or checkpoint folder
+    masks: str | None = None  # tree of masks paired by relative key (a/b/c.jpg <-> a/b/c.png), white = hole
+    mask_preset: str | None = None  # draw masks instead: box, strokes, mixed, thin_256, thick_512, ...
+    seed: int = 0  # seed of --mask-preset (masks are drawn from seed and key)
+    batch_size: int = 4  # images per actor call
+    num_actors: int = 2  # model actors in the pool (one GPU each with --use-gpu)
+    num_cpus_per_actor: float = 1.0  # CPUs reserved per actor (also its torch threads)
     use_gpu: bool = False  # one GPU per actor
     max_errors: int = 50  # bad inputs tolerated before the job stops with exit code 1 (-1 = no limit)
-    format: str = "png"  # output format (lossless, so known pixels stay exact)
-    max_pixels: int = 64_000_000  # decompression-bomb limit for input images
-    num_cpus_per_actor: float = 1.0  # CPUs reserved per actor (also its torch threads)
+    format: Literal["png"] = "png"  # output format (lossless, so known pixels stay exact)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit: larger input images are rejected
 
     def __post_init__(self):
         if (self.masks is None) == (self.mask_preset is None):
-            raise ValueError("give exactly one of --masks or --mask-preset")
+            raise ValueError("give exactly one of masks (--masks) or mask_preset (--mask-preset)")
         if self.mask_preset is not None:
             from pipeline.masks import MASK_KINDS
 
             if self.mask_preset not in MASK_KINDS:
-                raise ValueError(f"--mask-preset must be one of {', '.join(MASK_KINDS)}, got {self.mask_preset!r}")
+                raise ValueError(f"mask_preset must be one of {', '.join(MASK_KINDS)}, got {self.mask_preset!r}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.num_actors < 1:
-            raise ValueError(f"--num-actors must be >= 1, got {self.num_actors}")
-        if self.format not in OUTPUT_FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}")
+            raise ValueError(f"num_actors must be >= 1, got {self.num_actors}")
+        if not self.num_cpus_per_actor > 0:
+            raise ValueError(f"num_cpus_per_actor must be > 0, got {self.num_cpus_per_actor}")
         if self.max_errors < -1:
-            raise ValueError(f"--max-errors must be >= 0 (or -1 for no limit), got {self.max_errors}")
+            raise ValueError(f"max_errors must be >= 0 (or -1 for no limit), got {self.max_errors}")
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+
+
+Options = InferOptions  # what `deepfill infer` reads (jobs.cli)
 
 
 @dataclass
@@ -121,16 +127,6 @@ def _row(key: str, out: str, status: str, reason: str = "", *, hole_fraction: fl
 
 # ---------------------------------------------------------------------------------------------------------
 # Worker side: pure functions of bytes, shared by the Ray job and the benchmark's sequential loop.
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) RGB -> PNG bytes (OpenCV, compression level 1: fast, lossless)."""
-    import cv2
-
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 1])
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def decode_pair(key: str, image_bytes: bytes, mask_bytes: bytes | None, *, mask_preset: str | None, seed: int,
@@ -250,6 +246,7 @@ class InpaintWorker:
                 t1 = time.perf_counter()
                 try:
                     from pipeline import storage
+                    from pipeline.images import encode_png
 
                     data = encode_png(result)
                     storage.write_bytes_atomic(storage.join(self.output, rows[i]["output"]), data,
@@ -261,9 +258,9 @@ class InpaintWorker:
         return {name: np.array([r[name] for r in rows]) for name in MANIFEST_FIELDS}
 
     def _inpaint(self, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        from jobs import serving
+        import models
 
-        return serving.inpaint_uint8(self.generator, images, masks)
+        return models.inpaint_uint8(self.generator, images, masks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,6 +381,7 @@ def _run_actors(opts: InferOptions, todo: list[dict], merged: dict, errors: int,
                 storage_options) -> tuple[int, int]:
     """The Ray Data part: stream manifest rows back; stop when the error budget is spent."""
     from jobs import serving
+    from pipeline.progress import Progress
 
     ray = _init_ray()
     import ray.data
@@ -412,19 +410,22 @@ def _run_actors(opts: InferOptions, todo: list[dict], merged: dict, errors: int,
         num_gpus=1 if opts.use_gpu else 0,
     )
     processed = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["key"])):
-            row = {name: batch[name][i].item() if hasattr(batch[name][i], "item") else batch[name][i]
-                   for name in MANIFEST_FIELDS}
-            row["key"], row["output"] = str(row["key"]), str(row["output"])
-            row["status"], row["reason"], row["run"] = str(row["status"]), str(row["reason"]), str(row["run"])
-            merged[row["key"]] = row
-            processed += 1
-            if row["status"] == "error":
-                errors += 1
-                log.warning("skipped %s: %s", row["key"], row["reason"])
-        if errors > budget:
-            break  # leaving the iterator stops the dataset; written outputs are complete files
+    with Progress("infer", total=len(todo), unit="images") as progress:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for i in range(len(batch["key"])):
+                row = {name: batch[name][i].item() if hasattr(batch[name][i], "item") else batch[name][i]
+                       for name in MANIFEST_FIELDS}
+                row["key"], row["output"] = str(row["key"]), str(row["output"])
+                row["status"], row["reason"], row["run"] = str(row["status"]), str(row["reason"]), str(row["run"])
+                merged[row["key"]] = row
+                processed += 1
+                if row["status"] == "error":
+                    errors += 1
+                    log.warning("skipped %s: %s", row["key"], row["reason"])
+            progress.update(len(batch["key"]))
+            progress.set_postfix(f"{errors} errors")
+            if errors > budget:
+                break  # leaving the iterator stops the dataset; written outputs are complete files
     return processed, errors
 
 
@@ -432,42 +433,11 @@ def _run_actors(opts: InferOptions, todo: list[dict], merged: dict, errors: int,
 # CLI
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True, help="folder, file:// or s3:// prefix of input images")
-    parser.add_argument("--output", required=True, help="folder or s3:// prefix for outputs and manifest.jsonl")
-    parser.add_argument("--model", required=True,
-                        help="models:/name@alias, models:/name/N, runs:/id/model, a generator file or checkpoint folder")
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--masks", help="tree of masks paired by relative key (a/b/c.jpg <-> a/b/c.png), white = hole")
-    group.add_argument("--mask-preset", help="draw masks instead: box, strokes, thin_256, thick_512, ...")
-    parser.add_argument("--seed", type=int, default=0, help="seed of --mask-preset (default 0)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per actor call (default 4)")
-    parser.add_argument("--num-actors", type=int, default=2, help="model actors in the pool (default 2)")
-    parser.add_argument("--num-cpus-per-actor", type=float, default=1.0, help="CPUs per actor (default 1)")
-    parser.add_argument("--use-gpu", action="store_true", help="one GPU per actor")
-    parser.add_argument("--max-errors", type=int, default=50,
-                        help="bad inputs tolerated before stopping with exit code 1 (default 50, -1 = no limit)")
-    parser.add_argument("--format", default="png", choices=OUTPUT_FORMATS, help="output format (default png)")
-
-
-def run(args: argparse.Namespace) -> int:
+def run(opts: InferOptions) -> int:
+    """``deepfill infer`` once its options are resolved (``jobs.cli``): prints a JSON summary."""
     from pipeline.storage import redact
 
-    try:
-        opts = InferOptions(
-            images=args.images, output=args.output, model=args.model, masks=args.masks,
-            mask_preset=args.mask_preset, seed=args.seed, batch_size=args.batch_size, num_actors=args.num_actors,
-            use_gpu=args.use_gpu, max_errors=args.max_errors, format=args.format,
-            num_cpus_per_actor=args.num_cpus_per_actor,
-        )
-    except ValueError as err:
-        log.error("%s", err)
-        return 2
-    try:
-        result = run_infer(opts)
-    except Exception as err:  # noqa: BLE001 - a clean one-line failure, credentials removed
-        log.error("deepfill infer failed: %s", redact(f"{type(err).__name__}: {err}"))
-        return 1
+    result = run_infer(opts)
     print(json.dumps({"processed": result.processed, "errors": result.errors_this_run, **result.counts,
                       "manifest": redact(result.manifest_uri), "exit_code": result.exit_code}))
     return result.exit_code

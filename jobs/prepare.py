@@ -9,9 +9,9 @@ interruption: finished shards are kept and the rest are written, without duplica
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.config import DEFAULT_MAX_PIXELS, StorageOptions
@@ -20,44 +20,53 @@ from pipeline.shards import DEFAULT_SHARD_SIZE, parse_size, prepare
 log = logging.getLogger("deepfill.prepare")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--src", required=True,
-                        help="images: a folder, file:// or s3:// prefix, or a .txt file listing one URI per line")
-    parser.add_argument("--dst", required=True, help="output folder or s3:// prefix (train/, val/, manifest.json)")
-    parser.add_argument("--shard-size", default=str(DEFAULT_SHARD_SIZE),
-                        help="target encoded bytes per shard: a number of bytes or e.g. 192MB, 64KB (default 192MB)")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="share of images (chosen by a hash of the key) in the val split (default 0.01)")
-    parser.add_argument("--min-size", type=int, default=256,
-                        help="reject images whose shorter side is below this many pixels (default 256)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help=f"reject headers claiming more pixels than this (default {DEFAULT_MAX_PIXELS})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split hash (default 0)")
-    parser.add_argument("--endpoint-url", default=None,
-                        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL); keys come from the AWS environment")
-    parser.add_argument("--region", default=None, help="S3 region (default: the AWS environment / config)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+@dataclass
+class PrepareOptions:
+    """Options of ``deepfill prepare`` (each field is also a flag: ``val_fraction`` -> ``--val-fraction``)."""
+
+    src: str  # images: a folder, file:// or s3:// prefix, or a .txt file listing one URI per line
+    dst: str  # output folder or s3:// prefix (train/, val/, manifest.json)
+    shard_size: str = f"{DEFAULT_SHARD_SIZE // 2**20}MB"  # target encoded bytes per shard: bytes or e.g. 192MB, 64KB
+    val_fraction: float = 0.01  # share of images (chosen by a hash of the key) in the val split
+    min_size: int = 256  # reject images whose shorter side is below this many pixels
+    max_pixels: int = DEFAULT_MAX_PIXELS  # reject headers claiming more pixels than this (decompression bombs)
+    seed: int = 0  # seed of the train/val split hash
+    endpoint_url: str | None = None  # S3-compatible endpoint (default: AWS_ENDPOINT_URL); keys come from the AWS environment
+    region: str | None = None  # S3 region (default: the AWS environment / config)
+    progress: bool = True  # a progress bar on a terminal, a line every few seconds in a log
+
+    def __post_init__(self):
+        try:
+            parse_size(self.shard_size)
+        except ValueError as err:
+            raise ValueError(f"shard_size: {err}") from None
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.min_size < 0:
+            raise ValueError(f"min_size must be >= 0, got {self.min_size}")
+        if self.max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
+        try:
+            self.storage_options  # noqa: B018 - validates endpoint_url
+        except ValueError as err:
+            raise ValueError(f"endpoint_url: {err}") from None
+
+    @property
+    def storage_options(self) -> StorageOptions:
+        return StorageOptions(endpoint_url=self.endpoint_url, region=self.region)
 
 
-def run(args: argparse.Namespace) -> int:
-    try:
-        shard_size = parse_size(args.shard_size)
-    except ValueError as err:
-        raise SystemExit(f"--shard-size: {err}") from None
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise SystemExit(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    if args.min_size < 0:
-        raise SystemExit(f"--min-size must be >= 0, got {args.min_size}")
-    if args.max_pixels <= 0:
-        raise SystemExit(f"--max-pixels must be positive, got {args.max_pixels}")
-    try:
-        options = StorageOptions(endpoint_url=args.endpoint_url, region=args.region)
-    except ValueError as err:
-        raise SystemExit(f"--endpoint-url: {err}") from None
+Options = PrepareOptions  # what `deepfill prepare` reads (jobs.cli)
+
+
+def run(opts: PrepareOptions) -> int:
+    """``deepfill prepare`` once its options are resolved (``jobs.cli``): prints a JSON summary."""
     manifest = prepare(
-        args.src, args.dst, shard_size_bytes=shard_size, val_fraction=args.val_fraction, min_size=args.min_size,
-        max_pixels=args.max_pixels, seed=args.seed, options=options, progress=not args.no_progress,
+        opts.src, opts.dst, shard_size_bytes=parse_size(opts.shard_size), val_fraction=opts.val_fraction,
+        min_size=opts.min_size, max_pixels=opts.max_pixels, seed=opts.seed, options=opts.storage_options,
+        progress=opts.progress,
     )
-    summary = {"dst": storage.redact(args.dst), **manifest["counts"], "rejected_by_reason": manifest["rejected_by_reason"]}
+    summary = {"dst": storage.redact(opts.dst), **manifest["counts"],
+               "rejected_by_reason": manifest["rejected_by_reason"]}
     print(json.dumps(summary))
     return 0

@@ -1,12 +1,12 @@
 """The generator as an MLflow model, and one loader for every way a user names a model.
 
 - ``InpaintModel``: an MLflow pyfunc whose one artifact, ``"checkpoint"``, is a ``models.checkpoint``
-  generator file. ``predict`` runs the one inference path, ``models.inpaint``.
+  generator file. ``predict`` runs the one inference path, ``models.inpaint_uint8``.
 - ``log_inpaint_model``: log that pyfunc (with a tensor signature) inside the active MLflow run, register it
   and point an alias (e.g. ``candidate``) at the new version.
 - ``load_generator``: ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``, a generator file
   (local or ``s3://``), a training checkpoint folder holding ``generator.pt`` or a Ray Train run folder of
-  ``checkpoint_*`` folders -> (InpaintGenerator, info).
+  checkpoint folders (the newest, by ``jobs.train_state`` naming) -> (InpaintGenerator, info).
 
 The logged model carries no project code: it loads in a Python environment where this project
 (``deepfill-ray``) is installed, which is where ``jobs.serving.InpaintModel`` is imported from.
@@ -23,49 +23,17 @@ from importlib import metadata
 import numpy as np
 import torch
 
+from jobs.train_state import GENERATOR_FILENAME, latest_checkpoint
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact key holding the generator file
-GENERATOR_FILENAME = "generator.pt"  # a generator file's name inside a training checkpoint folder
 
 
 def _device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def inpaint_uint8(generator, image: np.ndarray, mask: np.ndarray, *, return_offsets: bool = False):
-    """Inpaint uint8 images through ``models.inpaint`` (the one inference path).
-
-    image: uint8 (N, H, W, 3) RGB. mask: (N, H, W, 1) or (N, H, W), nonzero = hole ({0, 1} or {0, 255}).
-    Returns uint8 (N, H, W, 3) where known pixels equal the input exactly; with ``return_offsets`` also
-    the attention offsets tensor from ``models.inpaint``.
-    """
-    import models
-
-    image = np.asarray(image)
-    mask = np.asarray(mask)
-    if image.ndim != 4 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (N, H, W, 3), got {image.dtype} {image.shape}")
-    if mask.ndim == 3:
-        mask = mask[..., None]
-    if mask.shape != image.shape[:3] + (1,):
-        raise ValueError(f"mask must be (N, H, W, 1) matching image {image.shape}, got {mask.shape}")
-    device = next(generator.parameters()).device
-    x = models.to_model_range(torch.from_numpy(np.ascontiguousarray(image))).to(device)  # (N, 3, H, W)
-    m = torch.from_numpy((mask > 0).astype(np.float32)).permute(0, 3, 1, 2).to(device)  # (N, 1, H, W)
-    out = models.inpaint(generator, x, m, return_offsets=return_offsets)
-    if return_offsets:
-        composite, offsets = out
-    else:
-        composite, offsets = out, None
-    result = models.to_uint8(composite)  # (N, H, W, 3)
-    result = result.cpu().numpy() if isinstance(result, torch.Tensor) else np.asarray(result)
-    # the composite keeps known pixels of the [-1, 1] input; the uint8 round trip must give them back exactly
-    known = mask[..., 0] == 0
-    result[known] = image[known]
-    return (result, offsets) if return_offsets else result
 
 
 try:
@@ -99,7 +67,9 @@ class InpaintModel(_PythonModel):
             raise ValueError('model_input must be a dict {"image": (N, H, W, 3) uint8, "mask": (N, H, W, 1) uint8}')
         image = np.asarray(model_input["image"], dtype=np.uint8)
         mask = np.asarray(model_input["mask"], dtype=np.uint8)
-        return inpaint_uint8(self.generator, image, mask)
+        import models
+
+        return models.inpaint_uint8(self.generator, image, mask)
 
 
 def model_signature():
@@ -111,6 +81,14 @@ def model_signature():
     inputs = Schema([TensorSpec(u8, (-1, -1, -1, 3), "image"), TensorSpec(u8, (-1, -1, -1, 1), "mask")])
     outputs = Schema([TensorSpec(u8, (-1, -1, -1, 3), "inpainted")])
     return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example() -> dict[str, np.ndarray]:
+    """A small valid input, logged with the model (MLflow shows it and checks it against the signature):
+    one 16x16 grey image with a 4x4 hole in the middle."""
+    mask = np.zeros((1, 16, 16, 1), np.uint8)
+    mask[:, 6:10, 6:10] = 1
+    return {"image": np.full((1, 16, 16, 3), 128, np.uint8), "mask": mask}
 
 
 def _pip_requirements() -> list[str]:
@@ -154,6 +132,7 @@ def log_inpaint_model(generator_checkpoint_path: str, *, name: str = "model",
             python_model=InpaintModel(),
             artifacts={CHECKPOINT_ARTIFACT: str(local)},
             signature=model_signature(),
+            input_example=input_example(),
             pip_requirements=_pip_requirements(),
             registered_model_name=registered_model_name,
         )
@@ -222,15 +201,13 @@ def fetch_checkpoint(ref: str) -> tuple[bytes, dict]:
 
     fs, path = storage.filesystem(ref)
     if fs.isdir(path):
-        folder = path.rstrip("/")
-        path = f"{folder}/{GENERATOR_FILENAME}"
-        if not fs.exists(path):
-            # a Ray Train run folder: take the newest checkpoint_* (their names sort by time) holding a generator
-            found = sorted(p for p in fs.glob(f"{folder}/checkpoint_*/{GENERATOR_FILENAME}"))
-            if not found:
+        path = f"{path.rstrip('/')}/{GENERATOR_FILENAME}"
+        if not fs.exists(path):  # a Ray Train run folder: its newest checkpoint (jobs.train_state naming)
+            newest = latest_checkpoint(ref)
+            if newest is None:
                 raise FileNotFoundError(f"no {GENERATOR_FILENAME} in the checkpoint folder {storage.redact(ref)}")
-            path = found[-1]
-            info["checkpoint"] = path.rsplit("/", 2)[-2]
+            info["checkpoint"] = newest.rstrip("/").rsplit("/", 1)[-1]
+            path = storage.filesystem(storage.join(newest, GENERATOR_FILENAME))[1]
     elif not fs.exists(path):
         raise FileNotFoundError(f"no model checkpoint at {storage.redact(ref)}")
     with fs.open(path, "rb") as f:
@@ -254,7 +231,7 @@ def load_generator(ref: str, *, device: str | torch.device | None = None):
 
     ref: ``models:/name@alias`` | ``models:/name/<version>`` | ``runs:/<run_id>/<path>`` | a generator file
     (path, ``file://`` or ``s3://``) | a folder holding ``generator.pt`` (a training checkpoint) | a Ray Train
-    run folder holding ``checkpoint_*/generator.pt`` (the newest checkpoint by name is taken). ``device``
+    run folder of checkpoint folders (the newest by step holding a generator: ``jobs.train_state``). ``device``
     defaults to CUDA when present, else CPU. info holds "ref" plus registry facts for ``models:/`` refs
     ("model_name", "model_version", "run_id") and the checkpoint's "step".
     """

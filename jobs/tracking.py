@@ -54,33 +54,6 @@ def _param_value(value: Any) -> str:
     return text[:MAX_PARAM_CHARS]
 
 
-def picture_grid(masked: np.ndarray, coarse: np.ndarray, refined: np.ndarray, truth: np.ndarray,
-                 attention: np.ndarray, gap: int = 2) -> np.ndarray:
-    """One row per sample: masked input | coarse | refined | ground truth | attention map.
-
-    Every input is uint8 (N, H, W, 3), except ``attention`` which may be smaller (N, h, w, 3) (the
-    offsets live on a coarser grid) and is scaled up to (H, W) by pixel repetition.
-    Returns uint8 (N*H + (N-1)*gap, 5*W + 4*gap, 3) with white gaps.
-    """
-    n, h, w, _ = truth.shape
-    ah, aw = attention.shape[1:3]
-    if (ah, aw) != (h, w):
-        if h % ah or w % aw:
-            raise ValueError(f"attention map {attention.shape} does not tile the images {truth.shape}")
-        attention = attention.repeat(h // ah, axis=1).repeat(w // aw, axis=2)  # (N, H, W, 3)
-    columns = [masked, coarse, refined, truth, attention]
-    for c in columns:
-        if c.shape != (n, h, w, 3) or c.dtype != np.uint8:
-            raise ValueError(f"grid columns must be uint8 (N, H, W, 3) = {(n, h, w, 3)}, got {c.dtype} {c.shape}")
-    cols = len(columns)
-    grid = np.full((n * h + (n - 1) * gap, cols * w + (cols - 1) * gap, 3), 255, dtype=np.uint8)
-    for i in range(n):
-        for j, c in enumerate(columns):
-            y, x = i * (h + gap), j * (w + gap)
-            grid[y:y + h, x:x + w] = c[i]
-    return grid
-
-
 class Tracker:
     """The MLflow run of one training job, used on rank 0 only.
 
@@ -146,11 +119,6 @@ class Tracker:
                 numeric[k] = float(v)
         if numeric:
             mlflow.log_metrics(numeric, step=int(step))
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        import mlflow
-
-        mlflow.set_tags({k: _param_value(v) for k, v in tags.items()})
 
     def log_grid(self, grid: np.ndarray, step: int) -> str:
         """Log a uint8 (H, W, 3) picture grid as ``grids/step_<step>.png``; returns the artifact path."""

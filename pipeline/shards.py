@@ -74,9 +74,10 @@ def parse_size(text: str | int) -> int:
              "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
     num = s.rstrip("KMGIB")
     unit = s[len(num):]
-    if not num or unit not in units:
-        raise ValueError(f"not a size: {text!r} (examples: 200MB, 64KB, 1048576)")
-    value = int(float(num) * units[unit])
+    try:
+        value = int(float(num) * units[unit])
+    except (KeyError, ValueError):
+        raise ValueError(f"not a size: {text!r} (examples: 200MB, 64KB, 1048576)") from None
     if value <= 0:
         raise ValueError(f"size must be positive, got {text!r}")
     return value

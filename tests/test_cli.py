@@ -32,3 +32,19 @@ def test_each_subcommand_has_help(command, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "prepare" in capsys.readouterr().out
+
+
+def test_a_failing_job_exits_1_with_one_redacted_line(tmp_path, caplog, monkeypatch):
+    import logging
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-so-secret-Qx81")
+    empty = tmp_path / "not-so-secret-Qx81"
+    empty.mkdir()
+    with caplog.at_level(logging.DEBUG, logger="deepfill"):
+        code = main(["evaluate", "--images", str(empty), "--model", "m", "--mask-preset", "box",
+                     "--output", str(tmp_path / "o"), "--no-mlflow"])
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].startswith("deepfill evaluate failed: ValueError: no images under")
+    assert "not-so-secret-Qx81" not in caplog.text and "***" in errors[0]
+    assert any("Traceback" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)

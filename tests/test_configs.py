@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import ConfigError, flatten, from_dict, load_config, to_dict
-from jobs.train import TrainConfig
+from jobs.options import ConfigError, flatten, from_dict, load_config, to_dict
+from jobs.train_config import TrainConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -81,3 +81,28 @@ def test_cli_prints_the_resolved_config_and_rejects_bad_options(capsys):
     assert printed["gan"]["n_critic"] == 3 and printed["model"]["cnum"] == 8
     assert cli.main(["train", "--config", tiny, "--set", "gan.n_critic=0"]) == 2
     assert "gan.n_critic" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["celeba_hq.yaml", "imagenet.yaml"])
+def test_the_other_datasets_state_only_what_differs_from_places2(name):
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    raw = yaml.safe_load((root / name).read_text())
+    assert raw.pop("base") == "places2.yaml"
+    base, cfg = flatten(load_config(TrainConfig, root / "places2.yaml")), flatten(load_config(TrainConfig, root / name))
+    stated = flatten(raw)
+    assert {k for k in cfg if cfg[k] != base[k]} == set(stated)  # every line stated differs, nothing else does
+    assert all(cfg[k] == v for k, v in stated.items())
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "infer", "evaluate"])
+def test_every_option_of_every_subcommand_has_help(command):
+    import importlib
+
+    from jobs import cli
+    from jobs.options import describe
+
+    module = importlib.import_module(cli.COMMANDS[command][0])
+    undocumented = [path for path, _, _, text in describe(module.Options) if not text]
+    assert not undocumented, f"deepfill {command}: options without a help comment: {undocumented}"

@@ -78,17 +78,15 @@ def test_dataset_is_reproducible_and_crops_differ(built, small_options, tmp_path
 def test_commands_parse_and_agree_with_the_demo_config(small_options):
     """Each step's argv parses with the real `deepfill` parser; the train config loads with the demo's
     overrides and agrees with what infer/evaluate ask for (model name, alias, mask kind, crop size)."""
-    from jobs.cli import build_parser
-    from jobs.config import load_config
-    from jobs.train import TrainConfig
+    from jobs import cli
 
     steps = demo.commands(small_options)
     assert [argv[0] for _, argv in steps] == ["prepare", "train", "infer", "evaluate"]
-    parsed = {argv[0]: build_parser(argv[0]).parse_args(argv) for _, argv in steps}
+    assert Path(steps[1][1][2]) == Path(demo.CONFIG) and (ROOT / demo.CONFIG).is_file()
+    absolute = {argv[0]: [str(ROOT / a) if a == demo.CONFIG else a for a in argv] for _, argv in steps}
+    parsed = {name: cli.parse(argv)[2] for name, argv in absolute.items()}  # the resolved options
 
-    train = parsed["train"]
-    assert Path(train.config) == Path(demo.CONFIG) and (ROOT / train.config).is_file()
-    cfg = load_config(TrainConfig, ROOT / train.config, train.overrides)
+    cfg = parsed["train"]
     out = small_options.output
     assert Path(cfg.data.shards) == out / "shards" == Path(parsed["prepare"].dst)
     assert Path(cfg.checkpoint.storage_path).parent == out
@@ -100,7 +98,7 @@ def test_commands_parse_and_agree_with_the_demo_config(small_options):
 
     model = f"models:/{demo.MODEL_NAME}@{demo.ALIAS}"
     for name in ("infer", "evaluate"):
-        args = parsed[name]
+        args = parsed[name]  # resolved options
         assert args.model == model
         assert Path(args.images) == out / "images" / "held_out"
         assert args.mask_preset == demo.MASK_PRESET and args.seed == 0

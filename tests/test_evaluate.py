@@ -33,7 +33,7 @@ def test_fit_square_and_preset_size():
     np.testing.assert_array_equal(evaluate.fit_square(img, 40), img[:, 12:52])  # centre crop, no resize
     assert evaluate.fit_square(img, 64).shape == (64, 64, 3)  # enlarged
     assert evaluate.preset_size("thick_512") == 512 and evaluate.preset_size("box") == 256
-    with pytest.raises(ValueError, match="--mask-preset must be one of"):
+    with pytest.raises(ValueError, match="mask_preset must be one of"):
         evaluate.EvaluateOptions(images="a", model="m", mask_preset="circles", output="o")
 
 

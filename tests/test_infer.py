@@ -218,10 +218,20 @@ def test_worker_records_each_row_without_ray(tmp_path, model_file):
     assert out["hole_fraction"][0] == pytest.approx(hole.mean()) and out["run"][0] == "r1"
 
 
-def test_options_are_validated():
-    with pytest.raises(ValueError, match="exactly one of --masks or --mask-preset"):
+def test_options_are_validated(capsys):
+    with pytest.raises(ValueError, match=r"exactly one of masks \(--masks\) or mask_preset \(--mask-preset\)"):
         infer.InferOptions(images="a", output="b", model="m")
-    with pytest.raises(ValueError, match="--mask-preset must be one of"):
+    with pytest.raises(ValueError, match="mask_preset must be one of"):
         infer.InferOptions(images="a", output="b", model="m", mask_preset="circles")
+    # through the command line: exit code 2 and one line naming the option, for flags and --set alike
+    for argv, words in [(["--mask-preset", "box", "--batch-size", "0"], "batch_size must be >= 1"),
+                        (["--mask-preset", "box", "--set", "max_pixels=-1"], "max_pixels must be positive"),
+                        (["--mask-preset", "box", "--max-errors", "many"], "max_errors: expected an integer"),
+                        ([], "exactly one of masks")]:
+        assert main(["infer", "--images", "a", "--output", "b", "--model", "m", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("deepfill infer: ") and words in err[0], err
+    assert main(["infer", "--output", "b", "--model", "m", "--mask-preset", "box"]) == 2
+    assert "missing option(s): images (--images)" in capsys.readouterr().err
     assert infer.output_key("a/b.c/d.JPG") == "a/b.c/d.png"
     assert infer.stem("x/y") == "x/y"

@@ -1,4 +1,4 @@
-"""jobs.config: YAML in, --set overrides, unknown keys rejected with the valid ones listed."""
+"""jobs.options: YAML in, --set overrides, unknown keys rejected with the valid ones listed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from jobs.config import ConfigError, apply_overrides, dump_yaml, flatten, from_dict, load_config
+from jobs.options import ConfigError, apply_overrides, dump_yaml, flatten, from_dict, load_config
 
 
 @dataclass
@@ -83,3 +83,77 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(dump_yaml(cfg))
     assert load_config(Job, path) == cfg
+
+
+def test_a_config_file_builds_on_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\ngan:\n  gp_weight: 5\n  n_critic: 3\nscaling:\n  use_gpu: true\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\ngan:\n  n_critic: 2\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\nname: top\n")  # relative to its own folder
+    cfg = load_config(Job, tmp_path / "sub" / "top.yaml", ["scaling.num_workers=4"])
+    assert (cfg.name, cfg.gan.gp_weight, cfg.gan.n_critic) == ("top", 5.0, 2)  # merged key by key
+    assert cfg.scaling.use_gpu is True and cfg.scaling.num_workers == 4
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="'base' loops back"):
+        load_config(Job, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: cannot read the config file"):
+        load_config(Job, tmp_path / "c.yaml")
+
+
+def test_parse_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.yaml").write_text("gan:\n  n_critic: [1\n")
+    for call in (lambda: load_config(Job, tmp_path / "bad.yaml"),
+                 lambda: load_config(Job, None, ["gan.n_critic=[1"]),
+                 lambda: load_config(Job, None, ["kind={a: [}"])):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert "\n" not in str(err.value) and "invalid YAML at line" in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML at line 3"):
+        load_config(Job, tmp_path / "bad.yaml")
+
+
+def test_help_comes_from_the_field_comments():
+    from jobs.options import describe, field_help
+
+    assert field_help(Gan) == {"gp_weight": "gradient-penalty weight"}
+    rows = {path: (type_name, default, text) for path, type_name, default, text in describe(Job)}
+    assert rows["gan.gp_weight"] == ("float", 10.0, "gradient-penalty weight")
+    assert rows["kind"][0] == "box|strokes" and rows["scaling.storage"][0] == "str or null"
+
+
+@dataclass
+class Flat:
+    src: str  # where the images are
+    size: int = 8  # tile size
+    fast: bool = False  # go fast
+    mode: Literal["a", "b"] = "a"  # which mode
+    group: Gan = field(default_factory=Gan)
+
+
+def test_flags_are_generated_and_precede_the_file_but_not_set(tmp_path, capsys):
+    import argparse
+
+    from jobs.options import add_options, from_args
+
+    parser = argparse.ArgumentParser(prog="job")
+    add_options(parser, Flat)
+    (tmp_path / "job.yaml").write_text("src: from-file\nsize: 3\nfast: true\n")
+    args = parser.parse_args(["--config", str(tmp_path / "job.yaml"), "--size", "5", "--no-fast",
+                              "--set", "size=6", "--set", "group.n_critic=4"])
+    opts = from_args(Flat, args)
+    assert (opts.src, opts.size, opts.fast, opts.mode, opts.group.n_critic) == ("from-file", 6, False, "a", 4)
+    opts = from_args(Flat, parser.parse_args(["--src", "x", "--size", "5", "--fast", "--mode", "b"]))
+    assert (opts.src, opts.size, opts.fast, opts.mode) == ("x", 5, True, "b")
+    with pytest.raises(ConfigError, match=r"missing option\(s\): src \(--src\)"):
+        from_args(Flat, parser.parse_args([]))
+    with pytest.raises(ConfigError, match="size: expected an integer, got 'big'"):
+        from_args(Flat, parser.parse_args(["--src", "x", "--size", "big"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--src", "x", "--mode", "c"])  # choices come from the Literal
+    parser.print_help()
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--src TEXT where the images are (required)" in text and "--size N tile size (default: 8)" in text
+    assert "--fast, --no-fast go fast (default: off)" in text
+    assert "group.gp_weight (float = 10.0) gradient-penalty weight" in text  # nested options in the epilog

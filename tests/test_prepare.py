@@ -134,8 +134,10 @@ def test_prepare_from_a_file_list(tmp_path, ray_local, good_images_dir):
     assert [(r["key"], r["reason"]) for r in manifest["rejected"]] == [(missing.lstrip("/"), "read_error")]
 
 
-def test_prepare_cli_rejects_bad_options(tmp_path):
-    with pytest.raises(SystemExit, match="--shard-size"):
-        main(["prepare", "--src", str(tmp_path), "--dst", str(tmp_path / "o"), "--shard-size", "lots"])
-    with pytest.raises(SystemExit, match="--val-fraction"):
-        main(["prepare", "--src", str(tmp_path), "--dst", str(tmp_path / "o"), "--val-fraction", "1.5"])
+def test_prepare_cli_rejects_bad_options(tmp_path, capsys):
+    for flag, value, words in [("--shard-size", "lots", "shard_size: not a size: 'lots'"),
+                               ("--val-fraction", "1.5", "val_fraction must be in [0, 1), got 1.5"),
+                               ("--endpoint-url", "minio:9000", "endpoint_url")]:
+        assert main(["prepare", "--src", str(tmp_path), "--dst", str(tmp_path / "o"), flag, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("deepfill prepare: ") and words in err[0], err

@@ -62,7 +62,7 @@ def test_training_validation_gives_the_recorded_metrics_and_grid():
     import torch
 
     import models.checkpoint
-    from jobs.train import validate
+    from jobs.trainer import validate
 
     generator, _ = models.checkpoint.load_generator(str(FIXTURE / "generator.pt"))
     metrics, grid = validate(generator, make_pixels.validation_set(FIXTURE), torch.device("cpu"), grid_rows=2)

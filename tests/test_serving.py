@@ -9,13 +9,14 @@ import torch
 import models
 import models.checkpoint
 from jobs import serving
+from jobs.train_state import GENERATOR_FILENAME, checkpoint_name
 
 
 @pytest.fixture()
 def tiny_checkpoint(tmp_path):
     torch.manual_seed(0)
     generator = models.InpaintGenerator(cnum=8).eval()
-    path = tmp_path / "gen" / serving.GENERATOR_FILENAME
+    path = tmp_path / "gen" / GENERATOR_FILENAME
     path.parent.mkdir()
     models.checkpoint.save_generator(str(path), generator, step=7)
     return path, generator
@@ -62,7 +63,7 @@ def test_pyfunc_logged_registered_and_loaded_by_alias(tiny_checkpoint, sqlite_ml
     assert not np.array_equal(out[~known], image[~known])  # the hole was filled with something new
 
     # the same pixels as calling the one inference path directly on the original generator
-    direct = serving.inpaint_uint8(generator, image, mask)
+    direct = models.inpaint_uint8(generator, image, mask)
     np.testing.assert_array_equal(out, direct)
 
 
@@ -76,11 +77,11 @@ def test_load_generator_from_every_kind_of_ref(tiny_checkpoint, sqlite_mlflow, s
 
     from pipeline import storage
 
-    s3_uri = f"{s3_bucket}/ckpt/{serving.GENERATOR_FILENAME}"
+    s3_uri = f"{s3_bucket}/ckpt/{GENERATOR_FILENAME}"
     storage.write_bytes_atomic(s3_uri, path.read_bytes())
 
     image, mask = _odd_input(1, 24, 40)
-    expected = serving.inpaint_uint8(generator, image, mask)
+    expected = models.inpaint_uint8(generator, image, mask)
     refs = {
         "models:/tiny-refs@champion": {"model_name": "tiny-refs", "model_version": "1"},
         "models:/tiny-refs/2": {"model_name": "tiny-refs", "model_version": "2"},
@@ -89,19 +90,18 @@ def test_load_generator_from_every_kind_of_ref(tiny_checkpoint, sqlite_mlflow, s
         str(path.parent): {},  # a training checkpoint folder holding generator.pt
         s3_uri: {},
         f"{s3_bucket}/ckpt": {},
-        f"{s3_bucket}/run": {"checkpoint": "checkpoint_2026-01-02_00-00-00.000000"},  # newest of two
+        f"{s3_bucket}/run": {"checkpoint": checkpoint_name(10)},  # the newest of two by step
     }
-    storage.write_bytes_atomic(f"{s3_bucket}/run/checkpoint_2026-01-01_00-00-00.000000/{serving.GENERATOR_FILENAME}",
+    storage.write_bytes_atomic(f"{s3_bucket}/run/{checkpoint_name(9)}/{GENERATOR_FILENAME}",
                                b"an older, broken file")
-    storage.write_bytes_atomic(f"{s3_bucket}/run/checkpoint_2026-01-02_00-00-00.000000/{serving.GENERATOR_FILENAME}",
-                               path.read_bytes())
+    storage.write_bytes_atomic(f"{s3_bucket}/run/{checkpoint_name(10)}/{GENERATOR_FILENAME}", path.read_bytes())
     for ref, facts in refs.items():
         loaded, info = serving.load_generator(ref, device="cpu")
         assert info["step"] == 7, ref
         assert not loaded.training and loaded.coarse[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
         for k, v in facts.items():
             assert info[k] == v, (ref, k)
-        np.testing.assert_array_equal(serving.inpaint_uint8(loaded, image, mask), expected)
+        np.testing.assert_array_equal(models.inpaint_uint8(loaded, image, mask), expected)
 
 
 def test_bad_refs_and_inputs(tiny_checkpoint, tmp_path):
@@ -112,7 +112,7 @@ def test_bad_refs_and_inputs(tiny_checkpoint, tmp_path):
         serving.load_generator("models:/just-a-name")
     image, mask = _odd_input()
     with pytest.raises(ValueError, match="mask must be"):
-        serving.inpaint_uint8(generator, image, mask[:, :-1])
+        models.inpaint_uint8(generator, image, mask[:, :-1])
     model = serving.InpaintModel()
     model.generator = generator
     with pytest.raises(ValueError, match="model_input must be a dict"):

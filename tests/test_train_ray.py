@@ -16,7 +16,8 @@ import pytest
 
 from jobs import cli
 from jobs import train as T
-from jobs.config import load_config
+from jobs import train_state as S
+from jobs.options import load_config
 from tests.conftest import S3_TEST_SECRET
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,7 @@ def test_cli_trains_on_s3_registers_a_model_that_inpaints_any_size_and_a_rerun_r
 
     # checkpoints (with the standalone generator file) are in the bucket
     files = storage.list_files(f"{s3_bucket}/runs/e2e")
-    for name in (T.TRAIN_STATE_FILENAME, T.GENERATOR_FILENAME, T.CONFIG_FILENAME):
+    for name in (S.TRAIN_STATE_FILENAME, S.GENERATOR_FILENAME, S.CONFIG_FILENAME):
         assert f"checkpoint_step_00000002/{name}" in files
 
     client, runs = _runs(uri, "deepfill-tiny")
@@ -123,13 +124,17 @@ def test_cli_trains_on_s3_registers_a_model_that_inpaints_any_size_and_a_rerun_r
     assert np.array_equal(out[mask[..., 0] == 0], image[mask[..., 0] == 0])
     assert not np.array_equal(out[mask[..., 0] == 1], image[mask[..., 0] == 1])
 
+    # Ray Train's own record of the run is where the data stream of a restarted job begins
+    cfg = load_config(T.TrainConfig, TINY, job[4::2] + ["steps=4"])
+    assert T.TrainStream(cfg, T.storage_uri(cfg)).resume_step() == 2
+
     # started again with more steps, the job resumes at its step-2 checkpoint in the bucket
     assert cli.main([*job, "--set", "steps=4"]) == 0
     client, runs = _runs(uri, "deepfill-tiny")
     assert len(runs) == 1  # one job, one MLflow run
     # steps 1 and 2 were trained once: the second job continued at step 2, it did not start over
     assert _steps(client, run.info.run_id) == [1, 2, 3, 4]
-    blob = storage.read_bytes(f"{s3_bucket}/runs/e2e/checkpoint_step_00000004/{T.TRAIN_STATE_FILENAME}")
+    blob = storage.read_bytes(f"{s3_bucket}/runs/e2e/checkpoint_step_00000004/{S.TRAIN_STATE_FILENAME}")
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     assert state["step"] == 4 and state["mlflow_run_id"] == run.info.run_id
     assert int(client.get_model_version_by_alias("tiny-e2e", "candidate").version) == 2  # the alias moved on

@@ -1,4 +1,4 @@
-"""Fast tests of the training job's pieces: checkpoint files, RNG state, picture grid, MLflow tracking."""
+"""Fast tests of the training job's pieces: checkpoint files and names, RNG state, the data plan, MLflow tracking."""
 
 from __future__ import annotations
 
@@ -10,14 +10,17 @@ import torch
 
 import models
 from jobs import train as T
-from jobs.config import from_dict, load_config, to_dict
-from jobs.tracking import Tracker, picture_grid, resolve_tracking_uri
+from jobs import train_state as S
+from jobs.options import flatten, from_dict, load_config, to_dict
+from jobs.tracking import Tracker, resolve_tracking_uri
+from jobs.train_config import TrainConfig
+from jobs.trainer import Window, build_networks, build_optimizers, to_model_batch
 from tests.conftest import S3_TEST_SECRET
 
 
 def _tiny_cfg(**over):
     sets = ["model.cnum=4", "model.critic_cnum=4", "data.crop_size=32"] + [f"{k}={v}" for k, v in over.items()]
-    return load_config(T.TrainConfig, None, sets)
+    return load_config(TrainConfig, None, sets)
 
 
 def test_ray_checkpoints_are_read_in_memory_from_a_folder_and_from_s3(tmp_path, s3_bucket):
@@ -28,17 +31,17 @@ def test_ray_checkpoints_are_read_in_memory_from_a_folder_and_from_s3(tmp_path, 
     from pipeline import storage
 
     cfg = _tiny_cfg()
-    gen, local, glob = T.build_networks(cfg)
-    opt_g, opt_d = T.build_optimizers(cfg, gen, local, glob)
-    T.save_train_state(tmp_path / "ck", generator=gen, local_critic=local, global_critic=glob, opt_g=opt_g,
-                       opt_d=opt_d, step=3, rng=[T.rng_state()], config=to_dict(cfg), mlflow_run_id="r1")
-    state = T.read_checkpoint_state(ray.train.Checkpoint.from_directory(str(tmp_path / "ck")))
+    gen, local, glob = build_networks(cfg)
+    opt_g, opt_d = build_optimizers(cfg, gen, local, glob)
+    S.save_train_state(tmp_path / "ck", generator=gen, local_critic=local, global_critic=glob, opt_g=opt_g,
+                       opt_d=opt_d, step=3, rng=[S.rng_state()], config=to_dict(cfg), mlflow_run_id="r1")
+    state = S.read_checkpoint_state(ray.train.Checkpoint.from_directory(str(tmp_path / "ck")))
     assert state["step"] == 3 and state["mlflow_run_id"] == "r1"
     uri = f"{s3_bucket}/ck/checkpoint_step_00000003"
-    for name in (T.TRAIN_STATE_FILENAME, T.GENERATOR_FILENAME):
+    for name in (S.TRAIN_STATE_FILENAME, S.GENERATOR_FILENAME):
         storage.write_bytes_atomic(f"{uri}/{name}", (tmp_path / "ck" / name).read_bytes())
     fs, path = storage.pyarrow_filesystem(uri)
-    remote = T.read_checkpoint_state(ray.train.Checkpoint(path=path, filesystem=fs))
+    remote = S.read_checkpoint_state(ray.train.Checkpoint(path=path, filesystem=fs))
     assert remote["step"] == 3
     for a, b in zip(state["generator"].values(), remote["generator"].values()):
         assert torch.equal(a, b)
@@ -46,45 +49,45 @@ def test_ray_checkpoints_are_read_in_memory_from_a_folder_and_from_s3(tmp_path, 
 
 def test_train_state_round_trips_and_loads_weights_only(tmp_path):
     cfg = _tiny_cfg()
-    gen, local, glob = T.build_networks(cfg)
-    opt_g, opt_d = T.build_optimizers(cfg, gen, local, glob)
+    gen, local, glob = build_networks(cfg)
+    opt_g, opt_d = build_optimizers(cfg, gen, local, glob)
     # one real update so the optimisers have state (exp_avg, step) to save
     gen(torch.zeros(1, 3, 32, 32), torch.ones(1, 1, 32, 32))[1].sum().backward()
     opt_g.step()
     torch.manual_seed(123)
-    rng = [T.rng_state(), T.rng_state()]
+    rng = [S.rng_state(), S.rng_state()]
     expected_draw = torch.rand(3)
-    T.save_train_state(tmp_path, generator=gen, local_critic=local, global_critic=glob, opt_g=opt_g, opt_d=opt_d,
+    S.save_train_state(tmp_path, generator=gen, local_critic=local, global_critic=glob, opt_g=opt_g, opt_d=opt_d,
                        step=7, rng=rng, config=to_dict(cfg), mlflow_run_id="abc123")
 
-    raw = torch.load(tmp_path / T.TRAIN_STATE_FILENAME, weights_only=True)  # no code runs on load
+    raw = torch.load(tmp_path / S.TRAIN_STATE_FILENAME, weights_only=True)  # no code runs on load
     assert raw["step"] == 7 and raw["mlflow_run_id"] == "abc123"
-    assert from_dict(T.TrainConfig, raw["config"]) == cfg
-    state = T.load_train_state(tmp_path)
-    gen2, local2, glob2 = T.build_networks(_tiny_cfg(seed=5))
+    assert from_dict(TrainConfig, raw["config"]) == cfg
+    state = S.load_train_state(tmp_path)
+    gen2, local2, glob2 = build_networks(_tiny_cfg(seed=5))
     gen2.load_state_dict(state["generator"])
     local2.load_state_dict(state["local_critic"])
     glob2.load_state_dict(state["global_critic"])
     for a, b in zip(gen.state_dict().values(), gen2.state_dict().values()):
         assert torch.equal(a, b)
-    opt_g2, _ = T.build_optimizers(cfg, gen2, local2, glob2)
+    opt_g2, _ = build_optimizers(cfg, gen2, local2, glob2)
     opt_g2.load_state_dict(state["opt_generator"])
     assert int(opt_g2.state_dict()["state"][0]["step"]) == 1
 
-    T.set_rng_state(state["rng"][1])
+    S.set_rng_state(state["rng"][1])
     assert torch.equal(torch.rand(3), expected_draw)
 
     # the standalone generator file next to it is what inference loads
-    loaded, meta = models.checkpoint.load_generator(str(tmp_path / T.GENERATOR_FILENAME))
+    loaded, meta = models.checkpoint.load_generator(str(tmp_path / S.GENERATOR_FILENAME))
     assert meta["step"] == 7
     assert all(torch.equal(a, b) for a, b in zip(gen.state_dict().values(), loaded.state_dict().values()))
-    assert (tmp_path / T.CONFIG_FILENAME).read_text().startswith("name:")
+    assert (tmp_path / S.CONFIG_FILENAME).read_text().startswith("name:")
 
 
 def test_rng_state_restores_torch_python_and_numpy():
-    state = T.rng_state()
+    state = S.rng_state()
     draws = (torch.rand(2), random.random(), np.random.rand())
-    T.set_rng_state(state)
+    S.set_rng_state(state)
     again = (torch.rand(2), random.random(), np.random.rand())
     assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
 
@@ -96,20 +99,10 @@ def test_to_model_batch_converts_pipeline_batches():
         "weight": np.ones((2, 16, 16, 1), np.float32),
     }
     batch["mask"][1, 4:8, 4:8] = 1
-    image, mask, weight = T.to_model_batch(batch, torch.device("cpu"))
+    image, mask, weight = to_model_batch(batch, torch.device("cpu"))
     assert image.shape == (2, 3, 16, 16) and torch.allclose(image, torch.ones_like(image))
     assert mask.shape == (2, 1, 16, 16) and mask.dtype == torch.float32 and mask[1].sum() == 16
     assert weight.shape == (2, 1, 16, 16)
-
-
-def test_picture_grid_layout():
-    n, h, w = 2, 16, 24
-    cols = [np.full((n, h, w, 3), v, np.uint8) for v in (10, 20, 30, 40)]
-    attention = np.full((n, h // 4, w // 4, 3), 50, np.uint8)  # offsets live on a coarser grid
-    grid = picture_grid(*cols, attention, gap=2)
-    assert grid.shape == (2 * h + 2, 5 * w + 8, 3) and grid.dtype == np.uint8
-    assert grid[0, 0, 0] == 10 and grid[0, 4 * (w + 2), 0] == 50 and grid[h + 2, 3 * (w + 2), 0] == 40
-    assert grid[h, 0, 0] == 255  # the gap between rows
 
 
 def test_tracking_uri_precedence(monkeypatch, tmp_path):
@@ -125,7 +118,7 @@ def test_tracker_resumes_one_run_and_never_logs_secrets(tmp_path, monkeypatch):
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_TEST_SECRET)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    params = T.flatten(_tiny_cfg())
+    params = flatten(_tiny_cfg())
     params["data.shards"] = f"s3://key:{S3_TEST_SECRET}@bucket/shards"  # a URL carrying a secret
     tracker = Tracker.start(uri, "exp", "job", params)
     tracker.log_metrics({"g_loss": 1.5, "note": "text", "bad": float("nan")}, step=1)
@@ -150,7 +143,7 @@ def test_tracker_resumes_one_run_and_never_logs_secrets(tmp_path, monkeypatch):
 
 
 def test_window_summary():
-    w = T.Window()
+    w = Window()
     w.add({"g_loss": 1.0})
     w.add({"g_loss": 3.0})
     w.steps = 2
@@ -161,36 +154,44 @@ def test_window_summary():
 
 def test_the_loop_config_round_trips_through_the_worker_payload():
     cfg = _tiny_cfg(steps=3)
-    assert from_dict(T.TrainConfig, to_dict(cfg)) == cfg
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg
 
 
 @pytest.mark.parametrize("steps, n_critic, workers, batch, count, expected", [
     (4, 1, 2, 2, 12, 3),  # 8 batches per worker, 3 full batches per worker per pass
     (10, 5, 1, 16, 1000, 1),
 ])
-def test_train_epochs_cover_the_steps(tmp_path, steps, n_critic, workers, batch, count, expected):
-    import json
-
-    (tmp_path / "manifest.json").write_text(json.dumps({"counts": {"train": count, "val": 1}}))
+def test_train_epochs_cover_the_steps(steps, n_critic, workers, batch, count, expected):
     cfg = _tiny_cfg(steps=steps, **{"gan.n_critic": n_critic, "scaling.num_workers": workers,
-                                    "batch_size": batch, "data.shards": str(tmp_path)})
-    assert T.train_epochs(cfg) == expected
+                                    "batch_size": batch})
+    assert T.train_epochs(cfg, count) == expected
 
 
-def test_a_resumed_job_starts_its_data_at_its_own_epoch(tmp_path):
-    import json
-
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({"counts": {"train": 12, "val": 1}}))
-    cfg = _tiny_cfg(steps=10, **{"gan.n_critic": 1, "scaling.num_workers": 2, "batch_size": 2,
-                                 "data.shards": str(shards)})
-    run = tmp_path / "run"
-    assert T.latest_checkpoint_step(str(run)) == 0  # no run folder yet
-    for step in (2, 6):
-        (run / f"checkpoint_step_{step:08d}").mkdir(parents=True)
-    (run / "checkpoint_tmp_x").mkdir()
-    assert T.latest_checkpoint_step(str(run)) == 6
+def test_a_resumed_job_starts_its_data_at_its_own_epoch():
+    cfg = _tiny_cfg(steps=10, **{"gan.n_critic": 1, "scaling.num_workers": 2, "batch_size": 2})
     # 3 full batches per worker per pass, 2 batches per step: step 6 has used 12 batches = 4 passes
-    assert T.start_epoch(cfg, 6) == 4
-    assert T.train_epochs(cfg, 6) == 3  # 4 steps left = 8 batches = 3 passes
+    assert T.start_epoch(cfg, 12, 6) == 4
+    assert T.train_epochs(cfg, 12, 6) == 3  # 4 steps left = 8 batches = 3 passes
+
+
+def test_a_new_run_streams_from_step_zero(tmp_path):
+    """With no run folder (or one without Ray Train's checkpoint record) the stream starts at step 0."""
+    cfg = _tiny_cfg()
+    assert T.TrainStream(cfg, str(tmp_path / "no-such-run")).resume_step() == 0
+    (tmp_path / "run" / S.checkpoint_name(6)).mkdir(parents=True)  # a folder is not Ray Train's record
+    assert T.TrainStream(cfg, str(tmp_path / "run")).resume_step() == 0
+
+
+def test_checkpoint_folder_names_and_the_newest_checkpoint(tmp_path):
+    assert S.checkpoint_name(6) == "checkpoint_step_00000006"
+    assert S.checkpoint_step("checkpoint_step_00000006") == 6
+    assert S.checkpoint_step("s3://b/run/checkpoint_step_00012000/") == 12000
+    assert S.checkpoint_step("checkpoint_tmp_x") is None and S.checkpoint_step("checkpoint_step_6") is None
+    run = tmp_path / "run"
+    assert S.latest_checkpoint(str(run)) is None  # no run folder yet
+    for step in (2, 10, 6):
+        (run / S.checkpoint_name(step)).mkdir(parents=True)
+        (run / S.checkpoint_name(step) / S.GENERATOR_FILENAME).write_bytes(b"x")
+    (run / S.checkpoint_name(12)).mkdir()  # newest by step, but holds no generator (an unfinished upload)
+    (run / "checkpoint_tmp_x").mkdir()
+    assert S.latest_checkpoint(str(run)) == f"{run}/{S.checkpoint_name(10)}"

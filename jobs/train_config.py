@@ -1,0 +1,169 @@
+"""The training job's options: one dataclass tree, loaded from YAML, overridden with ``--set``.
+
+Every key path here (``gan.gp_weight``, ``scaling.num_workers``) is the same string in YAML, in ``--set``
+and as the MLflow param name; the comment after a field is its ``--help`` text (``jobs.options``). The
+``data`` and ``masks`` groups come from ``pipeline.config``, the ``gan`` group (schedule and loss weights)
+from ``models.gan``, so each is declared once, where it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from models.gan import GanOptions
+from pipeline.config import DataConfig, MaskConfig
+
+__all__ = ["TrainConfig", "ModelOptions", "OptimOptions", "GanOptions", "ScalingOptions", "CheckpointOptions",
+           "TrackingOptions", "DebugOptions", "DataConfig", "MaskConfig"]
+
+
+@dataclass
+class ModelOptions:
+    """The networks. The local critic sees a crop half the training size around each hole."""
+
+    cnum: int = 32  # generator base width; 32 is DeepFill v1 (3,601,542 parameters)
+    critic_cnum: int = 64  # base width of both WGAN critics; 64 is DeepFill v1
+
+    def __post_init__(self):
+        if self.cnum < 1:
+            raise ValueError(f"model.cnum must be >= 1, got {self.cnum}")
+        if self.critic_cnum < 1:
+            raise ValueError(f"model.critic_cnum must be >= 1, got {self.critic_cnum}")
+
+
+@dataclass
+class OptimOptions:
+    """Adam for each side (generator; both critics together), as in the reference."""
+
+    lr_generator: float = 1e-4  # generator learning rate
+    lr_critic: float = 1e-4  # critics' learning rate
+    beta1: float = 0.5  # Adam beta1 (both sides)
+    beta2: float = 0.9  # Adam beta2 (both sides)
+    bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU, which always runs float32)
+
+    def __post_init__(self):
+        for name in ("lr_generator", "lr_critic"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class ScalingOptions:
+    """How many Ray Train workers, and what each one holds."""
+
+    num_workers: int = 2  # DDP workers (0 runs the loop in the driver process: for quick tests only)
+    use_gpu: bool = False  # one CUDA device per worker (NCCL); False trains on CPU (gloo)
+    cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (the data tasks need some too)
+    gpus_per_worker: float = 1.0  # GPUs per worker when use_gpu
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # worker placement
+    # extra Ray resources each worker needs, e.g. {trainer: 1} to keep workers on nodes that declare it
+    custom_resources: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for key, amount in self.custom_resources.items():
+            if key in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+                raise ValueError(
+                    f"scaling.custom_resources.{key} must be a non-negative number of a custom resource "
+                    f"(CPU and GPU have their own options), got {amount!r}"
+                )
+        if self.num_workers < 0:
+            raise ValueError(f"scaling.num_workers must be >= 0, got {self.num_workers}")
+        if self.cpus_per_worker < 0:
+            raise ValueError(f"scaling.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if self.use_gpu and not self.gpus_per_worker > 0:
+            raise ValueError(f"scaling.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+
+
+@dataclass
+class CheckpointOptions:
+    """Where Ray Train keeps checkpoints, how often, how many, and how many failures it survives."""
+
+    storage_path: str = "ray_results"  # local folder or s3://bucket/prefix (endpoint: data.storage / AWS env)
+    every: int = 1000  # checkpoint every this many steps (and always at the last step)
+    num_to_keep: int = 3  # newest checkpoints kept in storage
+    max_failures: int = 3  # worker-group restarts (from the last checkpoint) before the job fails
+
+    def __post_init__(self):
+        if not self.storage_path:
+            raise ValueError("checkpoint.storage_path must not be empty")
+        if self.every < 1:
+            raise ValueError(f"checkpoint.every must be >= 1, got {self.every}")
+        if self.num_to_keep < 1:
+            raise ValueError(f"checkpoint.num_to_keep must be >= 1, got {self.num_to_keep}")
+        if self.max_failures < -1:
+            raise ValueError(f"checkpoint.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+
+
+@dataclass
+class TrackingOptions:
+    """MLflow: where, which experiment, and the registered model the job produces."""
+
+    uri: str | None = None  # tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
+    experiment: str = "deepfill"  # MLflow experiment name
+    registered_model: str = "deepfill-v1"  # registry name of the final generator ("" = log, do not register)
+    alias: str = "candidate"  # alias set on the registered version ("" = none)
+    log_model: bool = True  # log the final generator as a pyfunc MLflow model
+    grid_rows: int = 4  # validation samples shown in each picture grid
+
+    def __post_init__(self):
+        if not self.experiment:
+            raise ValueError("tracking.experiment must not be empty")
+        if self.alias and not self.registered_model:
+            raise ValueError("tracking.alias needs tracking.registered_model")
+        if self.grid_rows < 0:
+            raise ValueError(f"tracking.grid_rows must be >= 0, got {self.grid_rows}")
+
+
+@dataclass
+class DebugOptions:
+    """TEST-ONLY hooks. Leave at their defaults for real training."""
+
+    fail_at_step: int = 0  # TEST ONLY: rank 1 (rank 0 with one worker) exits its process at this step, once per job; 0 = off
+
+    def __post_init__(self):
+        if self.fail_at_step < 0:
+            raise ValueError(f"debug.fail_at_step must be >= 0, got {self.fail_at_step}")
+
+
+@dataclass
+class TrainConfig:
+    """One training job. Every key path here is a ``--set`` override and an MLflow param name."""
+
+    name: str = "deepfill"  # Ray Train run name (folder under checkpoint.storage_path) and MLflow run name
+    steps: int = 150_000  # generator steps in total (a resumed job continues up to this count)
+    batch_size: int = 16  # images per worker per critic or generator step
+    seed: int = 0  # seed of weight init and of the gradient-penalty interpolation (masks: masks.seed)
+    log_every: int = 100  # report losses, images/s and data-wait share every this many steps
+    val_every: int = 1000  # validate (hole L1, PSNR, picture grid) every this many steps; 0 = never
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    gan: GanOptions = field(default_factory=GanOptions)
+    scaling: ScalingOptions = field(default_factory=ScalingOptions)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
+    tracking: TrackingOptions = field(default_factory=TrackingOptions)
+    debug: DebugOptions = field(default_factory=DebugOptions)
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
+        if self.val_every < 0:
+            raise ValueError(f"val_every must be >= 0, got {self.val_every}")
+        if self.data.crop_size % 16:
+            raise ValueError(
+                f"data.crop_size must be a multiple of 16 for training (the local critic sees half of it), "
+                f"got {self.data.crop_size}"
+            )
+        if self.scaling.use_gpu and self.scaling.num_workers == 0:
+            raise ValueError("scaling.use_gpu needs scaling.num_workers >= 1")
