@@ -72,6 +72,8 @@ def parse(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    if not sys.stderr.isatty():  # in a log, MLflow's download bars would be one redrawn line per file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         args, module, opts = parse(argv)
     except ConfigError as err:

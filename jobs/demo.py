@@ -148,11 +148,11 @@ def commands(opts: DemoOptions) -> list[tuple[str, list[str]]]:
 
 def start_ray() -> None:
     """One local Ray instance for every step (4 logical CPUs: two training workers plus the data tasks
-    sharing this machine's cores), so each command finds it instead of starting its own."""
-    import ray
+    sharing this machine's cores), so each command finds it instead of starting its own; its dashboard on
+    127.0.0.1:8265 (``pipeline.cluster.connect`` says why)."""
+    from pipeline.cluster import connect
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
+    connect(num_cpus=4)
 
 
 def run_step(index: int, total: int, title: str, argv: list[str]) -> float:

@@ -29,6 +29,7 @@ from pipeline.augment import Augmenter, augment_seed, center_crop
 from pipeline.config import DataConfig, MaskConfig
 from pipeline.images import ImageRejected, decode_image
 from pipeline.masks import generate_mask, loss_weights, mask_rng, stable_seed
+from pipeline.progress import quiet_ray_data
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,9 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     for epoch in range(start_epoch, start_epoch + epochs):
         order = np.random.default_rng(stable_seed("blocks", masks.seed, epoch)).permutation(len(files))
         items.extend({"epoch": epoch, "file": storage.join(train_uri, files[i])} for i in order)
+    # Ray Train builds this dataset in its controller and runs it in a SplitCoordinator, processes whose
+    # DataContext the driver's pipeline.cluster.connect never touched: quiet its progress bars here
+    quiet_ray_data()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     kwargs = {"data": data, "masks": masks, "with_keys": with_keys}
     if data.decode_pool == "tasks":  # one task per item: nothing to start, an idle gap between items

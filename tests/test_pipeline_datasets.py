@@ -50,11 +50,14 @@ def s3_shards(s3_server, good_images_dir, bad_images_dir):
 
 
 def test_batches_through_iter_torch_batches(s3_shards, ray_local):
+    import ray.data
     import torch
 
     root, rows = s3_shards
     data = DataConfig(shards=root, crop_size=CROP, shuffle_buffer=4, batch_rows=3)
+    ray.data.DataContext.get_current().enable_progress_bars = True  # as in a fresh process (Ray Train's controller)
     ds = build_train_dataset(data, MaskConfig(seed=1), epochs=2)
+    assert not ds.context.enable_progress_bars and not ds.context.enable_operator_progress_bars  # no bars
     batches = list(ds.iter_torch_batches(batch_size=4, local_shuffle_buffer_size=data.shuffle_buffer,
                                          drop_last=True))
     assert len(batches) == (2 * len(rows)) // 4
