@@ -356,7 +356,7 @@ def dump_yaml(cfg: Any) -> str:
 
 # ----------------------------------------------------------------------------------------- the CLI
 
-_METAVARS = {int: "N", float: "X", str: "TEXT", list: "A,B,..."}
+_METAVARS = {int: "N", float: "X", list: "A,B,..."}  # str flags show the option name
 
 
 def _flag_type(tp: Any) -> Any | None:
@@ -395,7 +395,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, config_help: str 
         literal = typing.get_origin(kind) is typing.Literal
         parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text,
                             choices=list(typing.get_args(kind)) if literal else None,
-                            metavar=None if literal else _METAVARS.get(kind, "VALUE"))
+                            metavar=None if literal else _METAVARS.get(kind, f.name.upper()))
     parser.add_argument("--set", dest="_overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="set any option by its key path (repeatable; the value is YAML)")
     parser.add_argument("--print-config", dest="_print_config", action="store_true",

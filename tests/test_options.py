@@ -154,6 +154,6 @@ def test_flags_are_generated_and_precede_the_file_but_not_set(tmp_path, capsys):
         parser.parse_args(["--src", "x", "--mode", "c"])  # choices come from the Literal
     parser.print_help()
     text = " ".join(capsys.readouterr().out.split())
-    assert "--src TEXT where the images are (required)" in text and "--size N tile size (default: 8)" in text
+    assert "--src SRC where the images are (required)" in text and "--size N tile size (default: 8)" in text
     assert "--fast, --no-fast go fast (default: off)" in text
     assert "group.gp_weight (float = 10.0) gradient-penalty weight" in text  # nested options in the epilog
