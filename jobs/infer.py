@@ -181,7 +181,7 @@ class InpaintWorker:
                  run: str, storage_options=None, device: str | None = None, threads: int | None = None):
         import torch
 
-        from jobs import serving
+        import models.checkpoint
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -189,7 +189,7 @@ class InpaintWorker:
             import ray
 
             generator_bytes = ray.get(generator_bytes)
-        self.generator, _ = serving.generator_from_bytes(generator_bytes, device=device)
+        self.generator, _ = models.checkpoint.load_for_inference(generator_bytes, device=device)
         self.output = output
         self.mask_preset = mask_preset
         self.seed = seed

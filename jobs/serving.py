@@ -14,7 +14,6 @@ The logged model carries no project code: it loads in a Python environment where
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import tempfile
@@ -28,12 +27,6 @@ from jobs.train_state import GENERATOR_FILENAME, latest_checkpoint
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact key holding the generator file
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 try:
@@ -58,9 +51,7 @@ class InpaintModel(_PythonModel):
     def load_context(self, context):
         import models.checkpoint
 
-        path = context.artifacts[CHECKPOINT_ARTIFACT]
-        generator, _ = models.checkpoint.load_generator(path, map_location="cpu")
-        self.generator = models.for_inference(generator.to(_device(None)))
+        self.generator, _ = models.checkpoint.load_for_inference(context.artifacts[CHECKPOINT_ARTIFACT])
 
     def predict(self, context, model_input, params=None):
         if not isinstance(model_input, dict) or "image" not in model_input or "mask" not in model_input:
@@ -214,16 +205,6 @@ def fetch_checkpoint(ref: str) -> tuple[bytes, dict]:
         return f.read(), info
 
 
-def generator_from_bytes(data: bytes, *, device: str | torch.device | None = None):
-    """A generator file's bytes -> (InpaintGenerator on ``device``, ready for inference, checkpoint meta dict).
-
-    The generator is in eval mode with channels_last weights (``models.for_inference``)."""
-    import models.checkpoint
-
-    generator, meta = models.checkpoint.load_generator(io.BytesIO(data), map_location="cpu")
-    return models.for_inference(generator.to(_device(device))), meta
-
-
 def load_generator(ref: str, *, device: str | torch.device | None = None):
     """Load a generator from any model reference for inference; returns (InpaintGenerator, info dict).
 
@@ -235,7 +216,9 @@ def load_generator(ref: str, *, device: str | torch.device | None = None):
     defaults to CUDA when present, else CPU. info holds "ref" plus registry facts for ``models:/`` refs
     ("model_name", "model_version", "run_id") and the checkpoint's "step".
     """
+    import models.checkpoint
+
     data, info = fetch_checkpoint(ref)
-    generator, meta = generator_from_bytes(data, device=device)
+    generator, meta = models.checkpoint.load_for_inference(data, device=device)
     info["step"] = int(meta.get("step", 0)) if isinstance(meta, dict) else 0
     return generator, info

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 
 from models.generator import InpaintGenerator
@@ -79,3 +81,17 @@ def load_generator(f, map_location="cpu") -> tuple[InpaintGenerator, dict]:
     Returns (generator on map_location, meta dict with step, config, extra, model)."""
     state = torch.load(f, map_location="cpu", weights_only=True)
     return generator_from_state(state, map_location=map_location)
+
+
+def load_for_inference(f, device=None) -> tuple[InpaintGenerator, dict]:
+    """``load_generator``, then ready for inference: on ``device`` (default CUDA when present, else CPU),
+    eval mode, channels_last weights (``models.inpaint.for_inference``). f: a path, a readable binary file
+    object, or the file's bytes. Returns (generator, meta)."""
+    from models.inpaint import for_inference
+
+    if isinstance(f, (bytes, bytearray, memoryview)):
+        f = io.BytesIO(f)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator, meta = load_generator(f, map_location="cpu")
+    return for_inference(generator.to(torch.device(device))), meta

@@ -66,6 +66,18 @@ def test_for_inference_is_channels_last_and_gives_the_same_composite(gen):
     assert torch.equal(out[known], image[known])
 
 
+def test_load_for_inference_from_a_path_a_file_or_bytes(gen, tmp_path):
+    path = tmp_path / "generator.pt"
+    checkpoint.save_generator(str(path), gen, step=5)
+    with open(path, "rb") as f:
+        sources = (str(path), f, path.read_bytes())
+        for source in sources:
+            loaded, meta = checkpoint.load_for_inference(source, device="cpu")
+            assert meta["step"] == 5 and not loaded.training
+            assert loaded.coarse[0].conv.weight.is_contiguous(memory_format=torch.channels_last)
+            assert all(torch.equal(a, b) for a, b in zip(gen.state_dict().values(), loaded.state_dict().values()))
+
+
 def _uint8_inputs(N, H, W, hole=1):
     rng = np.random.default_rng(H * 1000 + W)
     image = rng.integers(0, 256, size=(N, H, W, 3), dtype=np.uint8)
