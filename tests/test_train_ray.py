@@ -140,11 +140,28 @@ def test_cli_trains_on_s3_registers_a_model_that_inpaints_any_size_and_a_rerun_r
     assert int(client.get_model_version_by_alias("tiny-e2e", "candidate").version) == 2  # the alias moved on
 
 
+class RecordingStream(T.TrainStream):
+    """The job's own training stream, also writing down the step each worker-group start resumes at."""
+
+    def __init__(self, cfg, run_uri, record):
+        super().__init__(cfg, run_uri)
+        self.record = record
+
+    def resume_step(self):
+        step = super().resume_step()
+        with open(self.record, "a") as f:
+            f.write(f"{step}\n")
+        return step
+
+
 def test_a_worker_that_dies_is_replaced_and_the_run_resumes_from_the_last_checkpoint(ray_local, train_shards,
                                                                                      tmp_path):
     cfg = _tiny(tmp_path, train_shards, "steps=4", "name=fault", "debug.fail_at_step=3", "val_every=0")
-    result = T.train(cfg)
+    record = tmp_path / "stream_starts.txt"
+    result = T.train(cfg, dataset=RecordingStream(cfg, T.storage_uri(cfg), str(record)))
     assert result.step == 4
+    # Ray Train built the stream twice: for the new run, then for the restarted worker group at step 2
+    assert record.read_text().split() == ["0", "2"]
     assert (tmp_path / "runs" / "fault" / ".debug-failed-at-step-3").exists()  # the hook did kill rank 1
     client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "deepfill-tiny")
     assert len(runs) == 1
