@@ -38,7 +38,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Literal

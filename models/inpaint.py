@@ -38,7 +38,8 @@ def for_inference(generator):
     Returns the generator. Convolutions with channels_last weights run in NHWC and hand NHWC activations on
     (oneDNN on CPU, cuDNN's tensor-core kernels on CUDA): the same numbers up to float summation order,
     faster per image on CPU (benchmarks/infer.py measures it). Not for training: on CPU the NHWC backward
-    was slower than the default layout. ``jobs.serving`` loads every model for inference this way.
+    was slower than the default layout. ``models.checkpoint.load_for_inference`` loads every model for
+    inference this way.
     """
     generator.eval()
     return generator.to(memory_format=torch.channels_last)

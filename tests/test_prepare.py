@@ -8,7 +8,6 @@ import logging
 import shutil
 
 import pyarrow.parquet as pq
-import pytest
 
 from jobs.cli import main
 from pipeline import storage
