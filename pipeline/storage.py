@@ -15,6 +15,7 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from pipeline.config import StorageOptions
@@ -211,6 +212,103 @@ def redact(text: str) -> str:
     text = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
     text = _KEY_VALUE.sub(lambda m: m.group("name") + m.group("sep") + "***", text)
     return text
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One listed file: its key relative to the listed URI, its size and a version string that changes when
+    its content may have changed (the ETag on S3, ``mtime_ns`` locally)."""
+
+    key: str
+    size: int
+    version: str
+
+
+def iter_entries(uri: str, options: StorageOptions | None = None, *, hidden: bool = False) -> Iterator[Entry]:
+    """Every file under ``uri`` as an ``Entry``, recursively, streamed (bounded memory: one S3 page of 1000
+    keys, or one local directory, at a time). Order: S3's listing order (keys in byte order) or a sorted walk
+    of each local folder; callers that need one order sort the keys.
+
+    ``hidden=False`` leaves out names with a part starting with ``.`` (the temporary files of
+    ``write_bytes_atomic``); input listings pass ``hidden=True`` so that no input key vanishes unreported.
+    S3 keys are returned as stored, ``.``, ``..`` and empty parts included: check them with ``unsafe_key``.
+    A missing ``uri`` yields nothing.
+    """
+    if is_s3(uri):
+        yield from _iter_s3(uri, options, hidden)
+        return
+    root = _local_path(uri)
+    if os.path.isfile(root):
+        st = os.stat(root)
+        yield Entry(os.path.basename(root), int(st.st_size), str(st.st_mtime_ns))
+        return
+    if not os.path.isdir(root):
+        return
+    stack = [""]
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            with os.scandir(os.path.join(root, rel_dir) if rel_dir else root) as it:
+                items = sorted(it, key=lambda e: e.name, reverse=True)
+        except OSError:
+            continue
+        subdirs = []
+        for item in reversed(items):
+            if not hidden and item.name.startswith("."):
+                continue
+            rel = f"{rel_dir}/{item.name}" if rel_dir else item.name
+            try:
+                if item.is_dir(follow_symlinks=False):
+                    subdirs.append(rel)
+                    continue
+                st = item.stat()  # follows links: a broken link raises and is reported with size -1
+                yield Entry(rel, int(st.st_size), str(st.st_mtime_ns))
+            except OSError:
+                yield Entry(rel, -1, "")
+        stack.extend(reversed(subdirs))
+
+
+def _iter_s3(uri: str, options: StorageOptions | None, hidden: bool) -> Iterator[Entry]:
+    fs, path = filesystem(uri, options)
+    bucket, _, prefix = path.partition("/")
+    prefix = prefix + "/" if prefix else ""
+    kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+    while True:
+        page = fs.call_s3("list_objects_v2", **kwargs)
+        for obj in page.get("Contents", ()):
+            rel = obj["Key"][len(prefix):]
+            if not rel or rel.endswith("/"):  # the prefix itself, or a "folder" marker object
+                continue
+            if not hidden and any(part.startswith(".") for part in rel.split("/")):
+                continue
+            yield Entry(rel, int(obj.get("Size") or 0), str(obj.get("ETag", "")).strip('"'))
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def unsafe_key(key: str) -> str | None:
+    """Why ``key`` cannot be used as a relative path below a prefix, or None when it can.
+
+    Refused: an empty key, a leading ``/``, an empty part (``a//b``), a ``.`` or ``..`` part (which would
+    leave the prefix or alias another key), control characters. Spaces, non-ASCII and glob characters are
+    fine: the storage functions here never expand globs.
+    """
+    if not key:
+        return "empty key"
+    if key.startswith("/"):
+        return "leading '/'"
+    parts = key.split("/")
+    if any(p == "" for p in parts):
+        return "empty part ('//')"
+    if any(p in (".", "..") for p in parts):
+        return "'.' or '..' part"
+    if _CONTROL.search(key):
+        return "control character"
+    return None
 
 
 def list_sizes(uri: str, options: StorageOptions | None = None) -> dict[str, int]:
