@@ -6,9 +6,12 @@ Each subcommand lives in its own module under ``jobs/`` and exposes:
   ``--set`` and ``--print-config`` from it, and the help from its field comments);
 - ``run(options) -> int``: the job, given its resolved options; the return value is the exit code.
 
-Bad options exit with code 2 and one line on stderr (``deepfill infer: batch_size must be >= 1, got 0``);
-a job that fails exits with code 1 and one logged line (credentials removed; the traceback with
-``--log-level DEBUG``).
+Bad options exit with code 2 and one line on stderr (``deepfill infer: batch_size must be >= 1, got 0``).
+An option holding a URI with credentials in it (``s3://KEY:SECRET@bucket``, ``https://user:pw@mlflow``) is
+refused the same way, before anything runs (no Ray, no S3 call): Ray's own task and worker tracebacks
+cannot be filtered, so such a URI must never reach them. A job that fails exits with code 1 and one logged
+line (credentials removed; the traceback with ``--log-level DEBUG``); everything logged through ``logging``
+in this process, tracebacks and warnings included, passes through ``pipeline.storage.redact``.
 Modules are imported only when their subcommand runs, so ``deepfill --help`` stays fast and one job's
 heavy imports never slow another.
 """
@@ -23,8 +26,8 @@ import sys
 import traceback
 from importlib import metadata
 
-from jobs.options import ConfigError, add_options, dump_yaml, from_args
-from pipeline.storage import redact
+from jobs.options import ConfigError, add_options, flatten, from_args, to_dict
+from pipeline.storage import CREDENTIALS_HINT, has_credentials, redact, redact_tree
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,6 +72,32 @@ def parse(argv: list[str]):
     return args, args._module, from_args(args._module.Options, args)
 
 
+def _strings(value, path: str):
+    """(key path, string) for every string in an option's value (lists and mappings walked)."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}[{i}]")
+
+
+def credential_options(opts) -> list[str]:
+    """Key paths of the options (``data.shards``, ``src``, ``tracking.uri``) whose value holds a URI with
+    credentials in it (``pipeline.storage.has_credentials``), in declaration order."""
+    return [path for key, value in flatten(opts).items() for path, text in _strings(value, key)
+            if has_credentials(text)]
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter whose output, message and traceback alike, has credentials removed."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -83,15 +112,28 @@ def main(argv: list[str] | None = None) -> int:
     if module is None:
         build_parser().print_help()
         return 2
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    refused = credential_options(opts)
+    if refused:
+        print(f"deepfill {args.command}: {refused[0]}: a URI must not carry credentials (user:password@); "
+              f"{CREDENTIALS_HINT}", file=sys.stderr)
+        return 2
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), handlers=[handler])
+    logging.captureWarnings(True)  # warnings go through the redacting handler too
     if args._print_config:
-        print(dump_yaml(opts), end="")
+        import yaml
+
+        print(yaml.safe_dump(redact_tree(to_dict(opts)), sort_keys=False), end="")
         return 0
     try:
         return int(module.run(opts) or 0)
+    except ConfigError as err:  # a job that refuses up front, before it starts anything (exit 2, like bad options)
+        print(f"deepfill {args.command}: {redact(str(err))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deepfill {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - one line, credentials removed; the traceback at DEBUG
         log = logging.getLogger("deepfill")
         log.debug("%s", redact(traceback.format_exc()))

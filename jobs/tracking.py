@@ -9,7 +9,8 @@ Ray worker processes do not share the driver's working directory or its later en
 
 What is logged:
 - params: the flattened config (``gan.gp_weight``: the same key paths as ``--set``), values passed through
-  ``pipeline.storage.redact``; the config never holds S3 keys in the first place;
+  ``pipeline.storage.redact``; the config never holds S3 keys in the first place (the CLI refuses URIs
+  carrying credentials); the run name, the experiment name and every tag (keys and values) are redacted too;
 - metrics: losses, images/s, data-wait share, validation hole L1 / PSNR, at the generator step;
 - artifacts: a picture grid every validation (masked input | coarse | refined | ground truth | attention);
 - at the end, the generator as a pyfunc model (``jobs.serving.log_inpaint_model``), registered under a name
@@ -36,12 +37,17 @@ def resolve_tracking_uri(configured: str | None = None, cwd: str | Path | None =
     """The tracking URI for a job: ``tracking.uri`` if set, else MLFLOW_TRACKING_URI, else a SQLite file.
 
     The default is ``sqlite:///<absolute cwd>/mlflow.db`` (absolute so that Ray workers, whose working
-    directory differs from the driver's, write to the same database).
+    directory differs from the driver's, write to the same database). A URI carrying credentials
+    (``https://user:pw@host``) is refused: they go in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
     """
+    from pipeline.storage import check_no_credentials
+
     if configured:
+        check_no_credentials(configured, "tracking.uri")
         return configured
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
+        check_no_credentials(env, "MLFLOW_TRACKING_URI")
         return env
     folder = Path(cwd or os.getcwd()).resolve()
     return f"sqlite:///{folder / DEFAULT_DB}"
@@ -52,6 +58,11 @@ def _param_value(value: Any) -> str:
 
     text = redact("" if value is None else str(value))
     return text[:MAX_PARAM_CHARS]
+
+
+def _tags(tags: dict[str, Any] | None) -> dict[str, str]:
+    """Tags as MLflow stores them (strings), keys and values redacted."""
+    return {_param_value(k)[:250]: _param_value(v) for k, v in (tags or {}).items()}
 
 
 class Tracker:
@@ -75,9 +86,10 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         if mlflow.active_run() is not None:
             mlflow.end_run()
+        tags = _tags(tags)
         if run_id is None:
-            exp = mlflow.set_experiment(experiment)
-            run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name, tags=tags)
+            exp = mlflow.set_experiment(_param_value(experiment))
+            run = mlflow.start_run(experiment_id=exp.experiment_id, run_name=_param_value(run_name), tags=tags)
             tracker = cls(uri, run.info.run_id, resumed=False)
         else:
             run = mlflow.start_run(run_id=run_id)
@@ -97,7 +109,7 @@ class Tracker:
         """
         import mlflow
 
-        wanted = {k: _param_value(v) for k, v in params.items()}
+        wanted = {_param_value(k): _param_value(v) for k, v in params.items()}
         existing = mlflow.get_run(self.run_id).data.params if self.resumed else {}
         new = {k: v for k, v in wanted.items() if k not in existing}
         changed = [f"{k}: {existing[k]} -> {v}" for k, v in wanted.items() if k in existing and existing[k] != v]
@@ -105,7 +117,7 @@ class Tracker:
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
             mlflow.log_params(dict(items[i:i + 100]))
         if changed:
-            mlflow.set_tag("resume.changed_params", "; ".join(changed)[:MAX_PARAM_CHARS])
+            mlflow.set_tag("resume.changed_params", _param_value("; ".join(changed)))
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Log the finite numeric entries of ``metrics`` at generator step ``step`` (others are ignored)."""

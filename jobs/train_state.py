@@ -9,6 +9,9 @@ storage folder (``<checkpoint.storage_path>/<name>``, local or ``s3://``), holdi
 - ``generator.pt``: a ``models.checkpoint`` generator file, so inference can load a checkpoint folder;
 - ``config.yaml``: the resolved config, for people.
 
+The config is passed through ``pipeline.storage.redact_tree`` before it goes into any of the three files
+(``write_generator`` does the same for the generator file the trainer logs to MLflow at the end).
+
 Nothing here needs Ray: ``read_checkpoint_state`` takes any object with Ray Train's ``Checkpoint``
 interface (``.path``, ``.filesystem``).
 """
@@ -89,19 +92,31 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- the state file
 
+def write_generator(path: str | Path, generator, *, step: int, config: dict) -> None:
+    """Write a ``models.checkpoint`` generator file at ``path`` (``generator`` may be DDP-wrapped) holding
+    ``config`` with credentials removed (``pipeline.storage.redact_tree``)."""
+    from models.checkpoint import save_generator
+    from models.gan import unwrap
+    from pipeline.storage import redact_tree
+
+    save_generator(str(path), unwrap(generator), step=int(step), config=redact_tree(config))
+
+
 def save_train_state(folder: str | Path, *, generator, local_critic, global_critic, opt_g, opt_d, step: int,
                      rng: list[dict], config: dict, mlflow_run_id: str | None) -> None:
     """Write a training checkpoint into ``folder``: ``train_state.pt``, ``generator.pt`` and ``config.yaml``.
 
     The networks may be DDP-wrapped (their plain modules are saved); ``rng`` holds one ``rng_state()`` per
-    rank; ``config`` is the resolved config as a plain mapping (``jobs.options.to_dict``).
+    rank; ``config`` is the resolved config as a plain mapping (``jobs.options.to_dict``), saved with
+    credentials removed (``pipeline.storage.redact_tree``) in all three files.
     """
     import torch
     import yaml
 
-    from models.checkpoint import save_generator
     from models.gan import unwrap
+    from pipeline.storage import redact_tree
 
+    config = redact_tree(config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     gen = unwrap(generator)
@@ -118,7 +133,7 @@ def save_train_state(folder: str | Path, *, generator, local_critic, global_crit
         "mlflow_run_id": mlflow_run_id or "",
     }
     torch.save(state, folder / TRAIN_STATE_FILENAME)
-    save_generator(str(folder / GENERATOR_FILENAME), gen, step=int(step), config=config)
+    write_generator(folder / GENERATOR_FILENAME, gen, step=step, config=config)
     (folder / CONFIG_FILENAME).write_text(yaml.safe_dump(config, sort_keys=False))
 
 

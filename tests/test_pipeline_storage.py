@@ -1,7 +1,12 @@
 """pipeline.storage listings: list_files and list_sizes share one walk (hidden names left out, sizes right,
-S3 listings see fresh writes). No Ray."""
+S3 listings see fresh writes); written files follow the umask; URIs carrying credentials are refused. No Ray."""
 
 from __future__ import annotations
+
+import os
+import stat
+
+import pytest
 
 from pipeline import storage
 
@@ -56,3 +61,29 @@ def test_s3_listing_sees_files_written_after_an_earlier_listing(s3_server, s3_bu
     assert storage.list_sizes(root) == {"x/one.jpg": 1, "x/two.png": 2}
     assert storage.list_files(root, (".png",)) == ["x/two.png"]
     assert storage.list_files(f"{s3_bucket}/missing") == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask):
+    """write_bytes_atomic's temporary file (mkstemp: 0600) gets 0o666 less the umask before the rename, the
+    mode a plainly created file would have; current_umask reads it without changing it."""
+    saved = os.umask(umask)
+    try:
+        assert storage.current_umask() == umask
+        storage.write_bytes_atomic(str(tmp_path / "a" / "f.bin"), b"x")
+        storage.write_bytes_atomic(str(tmp_path / "a" / "f.bin"), b"y")  # replacing an existing file
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(saved)
+    mode = stat.S_IMODE((tmp_path / "a" / "f.bin").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE(plain.stat().st_mode)
+    assert (tmp_path / "a" / "f.bin").read_bytes() == b"y"
+
+
+def test_storage_refuses_a_uri_carrying_credentials(tmp_path):
+    for uri in ("s3://keyid7:se/cr+et=@bucket/x", "s3://keyid7@bucket/x"):
+        with pytest.raises(ValueError, match="must not carry credentials") as err:
+            storage.write_bytes_atomic(uri, b"x")
+        assert "se/cr+et" not in str(err.value) and "keyid7" not in str(err.value)
+    assert storage.list_files(f"file://{tmp_path}/a@b") == []  # '@' in a path is not a credential

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import random
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from jobs.tracking import Tracker, resolve_tracking_uri
 from jobs.train_config import TrainConfig
 from jobs.trainer import Window, build_networks, build_optimizers, to_model_batch
 from tests.conftest import S3_TEST_SECRET
+from tests.test_secrets import ENV_SECRET, KEY_ID, SECRET, leaks, secret_cfg
 
 
 def _tiny_cfg(**over):
@@ -113,11 +117,24 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
 
 
-def test_tracker_resumes_one_run_and_never_logs_secrets(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def mlflow_uri(tmp_path_factory):
+    """One SQLite MLflow store for this module's tests (creating its tables takes seconds); each test uses
+    its own experiment. The process's tracking URI is restored afterwards."""
+    import mlflow
+
+    saved = mlflow.get_tracking_uri()
+    yield f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(saved)
+
+
+def test_tracker_resumes_one_run_and_never_logs_secrets(mlflow_uri, monkeypatch):
     import mlflow
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_TEST_SECRET)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = mlflow_uri
     params = flatten(_tiny_cfg())
     params["data.shards"] = f"s3://key:{S3_TEST_SECRET}@bucket/shards"  # a URL carrying a secret
     tracker = Tracker.start(uri, "exp", "job", params)
@@ -140,6 +157,40 @@ def test_tracker_resumes_one_run_and_never_logs_secrets(tmp_path, monkeypatch):
     assert "note" not in run.data.metrics and "bad" not in run.data.metrics
     everything = " ".join(list(run.data.params.values()) + list(run.data.tags.values()))
     assert S3_TEST_SECRET not in everything
+
+
+def test_mlflow_params_tags_and_the_logged_generator_are_redacted(mlflow_uri, monkeypatch, one_torch_thread):
+    """The trainer's MLflow hook on a SQLite store: params, tags, run name, and the generator file it
+    logs as the model (log_model is replaced by a copy of the file, the model logging has its own tests)."""
+    import mlflow
+
+    from jobs.trainer import MLflowLogging
+
+    cfg = secret_cfg(monkeypatch)
+    logged = {}
+
+    def capture(self, path, registered_model, alias):
+        logged["generator"] = Path(path).read_bytes()
+
+    monkeypatch.setattr(Tracker, "log_model", capture)
+    hook = MLflowLogging(mlflow_uri, f"s3://{KEY_ID}:{SECRET}@bucket/run", ["node-1"])
+    trainer = SimpleNamespace(rank=0, cfg=cfg, mlflow_run_id=None, world_size=1, device=torch.device("cpu"),
+                              error=None, step=1, start_step=0, generator=build_networks(cfg)[0])
+    hook.before_train(trainer)
+    hook.after_train(trainer)
+    resumed = Tracker.start(mlflow_uri, cfg.tracking.experiment, cfg.name, flatten(cfg),
+                            run_id=trainer.mlflow_run_id,
+                            tags={"note": f"password=hunter2 {ENV_SECRET}",
+                                  "storage": f"s3://{KEY_ID}:{SECRET}@bucket/run"})
+    resumed.finish()
+    run = mlflow.MlflowClient(mlflow_uri).get_run(trainer.mlflow_run_id)
+    everything = [run.info.run_name, mlflow.MlflowClient(mlflow_uri).get_experiment(run.info.experiment_id).name,
+                  *run.data.params.items(), *run.data.tags.items()]
+    assert not leaks(everything) and SECRET not in str(everything) and KEY_ID not in str(everything)
+    assert run.data.params["name"] == "job password=***" and run.data.tags["storage"] == "s3://***@bucket/run"
+    assert run.data.params["data.shards"] == "/data/***/shards" and ENV_SECRET not in run.data.tags["note"]
+    _, meta = models.checkpoint.load_generator(io.BytesIO(logged["generator"]))
+    assert not leaks(meta["config"]) and meta["config"]["data"]["shards"] == "/data/***/shards"
 
 
 def test_window_summary():
