@@ -1,8 +1,8 @@
 """Decoding and validating images and masks from encoded bytes.
 
-``decode_image`` is the only way bytes become pixels in this project (prepare, training, inference):
-it validates the header and the pixels, rejects decompression bombs from the header before any pixel is
-decoded, applies the EXIF orientation and converts every mode to RGB uint8:
+``decode_image`` is the only way bytes become pixels in this project (prepare, training, inference,
+evaluation): it validates the header and the pixels, rejects decompression bombs from the header before any
+pixel is decoded, applies the EXIF orientation and converts every mode to RGB uint8:
 
 - grayscale (L, 1, I;16, I) -> replicated to 3 channels; 16-bit and 32-bit integer samples are scaled
   down (``round(v / 257)``), not clipped;
@@ -11,7 +11,19 @@ decoded, applies the EXIF orientation and converts every mode to RGB uint8:
 - anything with alpha (RGBA, LA, PA, palette transparency): the alpha channel is DROPPED and the stored
   colours kept as they are (no compositing onto a background), so no colour data is invented.
 
-Failures raise ``ImageRejected`` with a short ``reason`` code (see REASONS). ``encode_png`` is the one way
+Hostile bytes: only the containers in ``FORMATS`` are opened, by content, whatever the file name says
+(PIL is never asked to try its other plugins, so none that starts an external program, such as EPS's
+Ghostscript, can be reached); files over ``max_bytes`` are refused before anything is parsed; only the
+first frame of a multi-frame GIF, TIFF, WebP or MPO is decoded; every JPEG goes through libjpeg-turbo in
+strict mode (``simplejpeg``), which turns libjpeg's warnings ("Corrupt JPEG data: ...", "Premature end of
+JPEG file") into rejections instead of grey rows; and whatever else a decoder raises on damaged bytes
+(struct.error, IndexError, MemoryError, ...) becomes ``ImageRejected("corrupt")``. Plain RGB and grayscale
+JPEGs without EXIF rotation are decoded by simplejpeg alone (the fast path: the same libjpeg-turbo pixels as
+PIL, without PIL's copies; a test checks the two agree); every other JPEG is checked by it, then decoded by
+PIL.
+
+Failures raise ``ImageRejected`` with a short ``reason`` code (see REASONS); ``decode_mask`` prefixes the
+image codes with ``mask_`` so a job can tell a bad mask from a bad image. ``encode_png`` is the one way
 pixels become bytes again (inference outputs, evaluation grids).
 """
 
@@ -19,10 +31,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import simplejpeg
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from pipeline.config import DEFAULT_MAX_PIXELS
@@ -30,16 +45,29 @@ from pipeline.config import DEFAULT_MAX_PIXELS
 # File name endings (lower case) that the jobs treat as images when they list a folder of inputs.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
+# The containers decoded, as PIL names them (PIL's JPEG opener also returns camera JPEGs with extra pictures,
+# format "MPO"). Anything else is "not_an_image".
+FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
+DEFAULT_MAX_BYTES = 256 * 1024**2  # 256 MiB; larger inputs are rejected ("too_large") before any parsing
+
 REASONS = (
     "empty",  # zero bytes
-    "not_an_image",  # no known image header
+    "too_large",  # more than max_bytes bytes
+    "not_an_image",  # not a JPEG, PNG, WebP, BMP, TIFF or GIF file (by content, whatever the name)
     "truncated",  # the file ends before the pixel data does
-    "corrupt",  # the header or pixel stream is damaged
+    "corrupt",  # the header or pixel stream is damaged (libjpeg warnings included)
     "decompression_bomb",  # the header claims more than max_pixels pixels
     "too_small",  # shorter side below min_size
     "unsupported_mode",  # a pixel format we do not convert
+    "mask_empty",  # decode_mask: zero bytes
+    "mask_too_large",  # decode_mask: more than max_bytes bytes
+    "mask_not_an_image",  # decode_mask: not a JPEG, PNG, WebP, BMP, TIFF or GIF file
+    "mask_truncated",  # decode_mask: the file ends before the pixel data does
+    "mask_corrupt",  # decode_mask: the header or pixel stream is damaged
+    "mask_decompression_bomb",  # decode_mask: the header claims more than max_pixels pixels
+    "mask_unsupported_mode",  # decode_mask: a pixel format we do not convert
     "mask_size_mismatch",  # decode_mask: the mask is not the size of its image
-    "empty_mask",  # decode_mask: zero bytes
 )
 
 
@@ -58,24 +86,37 @@ class ImageInfo:
 
     height: int
     width: int
-    format: str  # PIL's format name: "JPEG", "PNG", "WEBP", ...
+    format: str  # PIL's format name: "JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF"
 
 
-def _open_header(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
-    """Open lazily (header only) and check it: size, decompression bomb, minimum size; raise ImageRejected."""
-    if not data:
-        raise ImageRejected("empty", "zero bytes")
+@contextmanager
+def _rejecting(stage: str) -> Iterator[None]:
+    """Turn anything a decoder raises on hostile bytes into ImageRejected (warnings silenced)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            warnings.simplefilter("ignore")
+            yield
+    except ImageRejected:
+        raise
     except Image.DecompressionBombError as err:
         raise ImageRejected("decompression_bomb", str(err)) from None
-    except UnidentifiedImageError:
-        raise ImageRejected("not_an_image", "no known image header") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise ImageRejected("corrupt", f"bad header: {err}") from None
-    width, height = img.size
+    except UnidentifiedImageError:  # none of FORMATS recognised the header (or its opener failed on it)
+        raise ImageRejected("not_an_image", "not a JPEG, PNG, WebP, BMP, TIFF or GIF file") from None
+    except Exception as err:  # noqa: BLE001 - struct.error, IndexError, MemoryError, cv2.error, KeyError, ...
+        text = f"{stage}: {type(err).__name__}: {err}"[:300]
+        truncated = isinstance(err, EOFError) or "truncated" in str(err).lower()
+        raise ImageRejected("truncated" if truncated else "corrupt", text) from None
+
+
+def _open_header(data: bytes, max_pixels: int, min_size: int, max_bytes: int) -> Image.Image:
+    """Open lazily (header only) and check it: byte cap, format, size, decompression bomb, minimum size."""
+    if not data:
+        raise ImageRejected("empty", "zero bytes")
+    if len(data) > max_bytes:
+        raise ImageRejected("too_large", f"{len(data)} bytes is over {max_bytes}")
+    with _rejecting("header"):
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = img.size
     if width <= 0 or height <= 0:
         raise ImageRejected("corrupt", f"header gives size {width}x{height}")
     if width * height > max_pixels:
@@ -85,31 +126,42 @@ def _open_header(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
     return img
 
 
-def _open_validated(data: bytes, max_pixels: int, min_size: int) -> Image.Image:
-    """Open, check the header, decode every pixel and apply EXIF orientation; raise ImageRejected."""
-    return _load_validated(_open_header(data, max_pixels, min_size))
+_EXIF_ORIENTATION = 0x0112
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation, 1 (as stored) to 8; 1 when absent or out of range."""
+    value = img.getexif().get(_EXIF_ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _check_jpeg(data: bytes, header: Image.Image) -> np.ndarray | None:
+    """Every JPEG goes through libjpeg-turbo in strict mode: any libjpeg warning rejects the file.
+
+    The common case, an RGB or grayscale JPEG with no EXIF rotation, is the fast path: its (H, W, 3) uint8
+    RGB pixels are returned (grayscale replicated to 3 channels, exactly PIL's L -> RGB). None for anything
+    else (not a JPEG; CMYK; EXIF-rotated), which PIL decodes afterwards. Raises ImageRejected("truncated")
+    for "Premature end of JPEG file", ("corrupt") for the other libjpeg errors and warnings.
+    """
+    if header.format not in ("JPEG", "MPO"):
+        return None
+    fast = header.mode in ("RGB", "L") and _orientation(header) == 1
+    colorspace = "CMYK" if header.mode == "CMYK" else "RGB"
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace=colorspace, strict=True)
+    except ValueError as err:
+        text = str(err)
+        raise ImageRejected("truncated" if "Premature end of JPEG file" in text else "corrupt", text) from None
+    width, height = header.size
+    if arr.shape[:2] != (height, width):
+        raise ImageRejected("corrupt", f"header says {width}x{height}, libjpeg decoded {arr.shape[1]}x{arr.shape[0]}")
+    return arr if fast else None
 
 
 def _load_validated(img: Image.Image) -> Image.Image:
-    """Decode every pixel of an image ``_open_header`` checked and apply EXIF orientation; raise ImageRejected."""
-    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone turned truncation tolerance on globally: we still want it off
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; decode_image needs it False")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()
-    except Image.DecompressionBombError as err:
-        raise ImageRejected("decompression_bomb", str(err)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:
-        text = str(err)
-        if "truncated" in text.lower() or isinstance(err, EOFError):
-            raise ImageRejected("truncated", text) from None
-        raise ImageRejected("corrupt", text) from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception as err:  # a malformed EXIF block: keep the pixels as stored
-        raise ImageRejected("corrupt", f"bad EXIF: {err}") from None
-    return img
+    """Decode every pixel (first frame only) of an image ``_open_header`` checked and apply EXIF orientation."""
+    img.load()
+    return ImageOps.exif_transpose(img)
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -125,6 +177,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         arr = np.repeat(gray[..., None], 3, axis=-1)
     elif mode == "F":
         v = np.asarray(img).astype(np.float64)
+        if not np.isfinite(v).all():
+            raise ImageRejected("corrupt", "float samples that are NaN or infinite")
         scale = 255.0 if v.max(initial=0) <= 1.0 else 1.0
         gray = np.clip(np.rint(v * scale), 0, 255).astype(np.uint8)
         arr = np.repeat(gray[..., None], 3, axis=-1)
@@ -143,81 +197,85 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 0) -> np.ndarray:
+def _decode(data: bytes, max_pixels: int, min_size: int, max_bytes: int) -> tuple[np.ndarray, str]:
+    """decode_image, also returning PIL's format name."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone turned truncation tolerance on globally: we still want it off
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; decode_image needs it False")
+    header = _open_header(data, max_pixels, min_size, max_bytes)
+    with _rejecting("decode"):
+        arr = _check_jpeg(data, header)
+        if arr is None:
+            arr = _to_rgb(_load_validated(header))
+        if min(arr.shape[:2]) < min_size:  # cannot differ from the header's, unless the header lied
+            raise ImageRejected("too_small", f"{arr.shape[1]}x{arr.shape[0]} is below {min_size} px")
+    return arr, str(header.format)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 0,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Encoded bytes -> (H, W, 3) uint8 RGB, EXIF orientation applied (H, W are the displayed size).
 
-    Raises ImageRejected("empty" | "not_an_image" | "truncated" | "corrupt" | "decompression_bomb" |
-    "too_small" | "unsupported_mode"). Headers claiming more than ``max_pixels`` pixels are rejected
-    before any pixel is decoded; ``min_size`` is the least allowed short side.
+    Raises ImageRejected("empty" | "too_large" | "not_an_image" | "truncated" | "corrupt" |
+    "decompression_bomb" | "too_small" | "unsupported_mode") and nothing else for any bytes. Inputs over
+    ``max_bytes`` are rejected before parsing, headers claiming more than ``max_pixels`` pixels before any
+    pixel is decoded; ``min_size`` is the least allowed short side.
     """
-    header = _open_header(data, max_pixels, min_size)
-    arr = _decode_plain_jpeg(data, header)
-    return arr if arr is not None else _to_rgb(_load_validated(header))
+    return _decode(data, max_pixels, min_size, max_bytes)[0]
 
 
-_EXIF_ORIENTATION = 0x0112
+def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 0,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> ImageInfo:
+    """Fully validate ``data`` (as ``decode_image`` does, pixels included) and return its size and format.
 
-
-def _decode_plain_jpeg(data: bytes, header: Image.Image) -> np.ndarray | None:
-    """The fast path for the common case, a complete RGB or grayscale JPEG with no EXIF rotation: OpenCV
-    decodes it straight into an array (the same libjpeg-turbo pixels as PIL, without PIL's two copies; the
-    README's benchmark table has the figures, a test checks the two paths agree). None for anything else, which takes the PIL path.
-
-    A file must end with the JPEG end-of-image marker to come here, so a truncated one is left to PIL,
-    which rejects it (OpenCV would fill the missing rows with grey).
+    Raises what ``decode_image`` raises.
     """
-    if header.format != "JPEG" or header.mode not in ("RGB", "L") or not data.endswith(b"\xff\xd9"):
-        return None
-    try:
-        if header.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            return None
-    except Exception:  # noqa: BLE001 - a malformed EXIF block: PIL's path reports it
-        return None
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION)
-    width, height = header.size
-    if arr is None or arr.shape != (height, width, 3) or arr.dtype != np.uint8:
-        return None
-    return arr
+    arr, fmt = _decode(data, max_pixels, min_size, max_bytes)
+    return ImageInfo(height=int(arr.shape[0]), width=int(arr.shape[1]), format=fmt)
 
 
-def probe_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int = 0) -> ImageInfo:
-    """Fully validate ``data`` (as ``decode_image`` does, pixels included) and return its size and format."""
-    if not data:
-        raise ImageRejected("empty", "zero bytes")
-    fmt = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            fmt = Image.open(io.BytesIO(data)).format
-    except Exception:
-        pass  # _open_validated below raises the precise reason
-    arr = decode_image(data, max_pixels=max_pixels, min_size=min_size)
-    return ImageInfo(height=int(arr.shape[0]), width=int(arr.shape[1]), format=str(fmt or "UNKNOWN"))
-
-
-def decode_mask(data: bytes, height: int, width: int) -> np.ndarray:
+def decode_mask(data: bytes, height: int, width: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Encoded mask bytes -> (H, W) uint8 in {0, 1}, 1 = hole (white), 0 = known (black).
 
     Grayscale, RGB (luminance), RGBA/LA (luminance times alpha, so white strokes on a transparent
     background are holes), palette and 16-bit masks are accepted; a pixel is a hole when its value is at
-    least half of full scale (>= 128 of 255). A mask with no hole pixels is returned as all zeros.
-    Raises ImageRejected("empty_mask") for zero bytes, ("mask_size_mismatch") when the decoded mask is not
-    ``height x width``, or any decode_image reason.
+    least half of full scale (>= 128 of 255). A mask with no hole pixels is returned as all zeros. EXIF
+    orientation is applied, as for its image.
+
+    Raises ImageRejected with the mask's own codes: ``mask_`` + any decode_image reason ("mask_empty",
+    "mask_too_large", "mask_not_an_image", "mask_truncated", "mask_corrupt", "mask_decompression_bomb",
+    "mask_unsupported_mode"), or "mask_size_mismatch" when the mask is not ``height x width`` after EXIF
+    orientation (a mask whose header gives other sides is refused before any pixel is decoded).
     """
-    if not data:
-        raise ImageRejected("empty_mask", "zero bytes")
-    img = _open_validated(data, DEFAULT_MAX_PIXELS, 0)
-    if img.size != (width, height):
-        raise ImageRejected("mask_size_mismatch", f"mask is {img.size[0]}x{img.size[1]}, image is {width}x{height}")
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        gray = _to_rgb(img)[..., 0].astype(np.float32)
-    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        rgba = np.asarray(img.convert("RGBA")).astype(np.float32)
-        lum = np.asarray(Image.fromarray(rgba[..., :3].astype(np.uint8)).convert("L")).astype(np.float32)
-        gray = lum * rgba[..., 3] / 255.0
-    else:
-        gray = np.asarray(img.convert("L")).astype(np.float32)
+    try:
+        return _decode_mask(data, height, width, max_pixels, max_bytes)
+    except ImageRejected as err:
+        if err.reason.startswith("mask_"):
+            raise
+        raise ImageRejected("mask_" + err.reason, err.detail) from None
+
+
+def _decode_mask(data: bytes, height: int, width: int, max_pixels: int, max_bytes: int) -> np.ndarray:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; decode_mask needs it False")
+    header = _open_header(data, max_pixels, 0, max_bytes)
+    stored = header.size  # EXIF orientation (read with the pixels for PNG) may swap the sides, nothing more
+    if sorted(stored) != sorted((width, height)):
+        raise ImageRejected("mask_size_mismatch", f"mask is {stored[0]}x{stored[1]}, image is {width}x{height}")
+    with _rejecting("decode"):
+        _check_jpeg(data, header)
+        img = _load_validated(header)
+        if img.size != (width, height):
+            raise ImageRejected("mask_size_mismatch", f"mask is {img.size[0]}x{img.size[1]}, image is {width}x{height}")
+        mode = img.mode
+        if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+            gray = _to_rgb(img)[..., 0].astype(np.float32)
+        elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+            rgba = np.asarray(img.convert("RGBA")).astype(np.float32)
+            lum = np.asarray(Image.fromarray(rgba[..., :3].astype(np.uint8)).convert("L")).astype(np.float32)
+            gray = lum * rgba[..., 3] / 255.0
+        else:
+            gray = np.asarray(img.convert("L")).astype(np.float32)
     return (gray >= 127.5).astype(np.uint8)
 
 

@@ -126,3 +126,87 @@ def write_bad_images(root: Path) -> dict[str, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return {key: kinds[key] for key in files}
+
+
+def corrupt_scan_jpeg(img: Image.Image, **save_options) -> bytes:
+    """A JPEG of ``img`` with restart markers written over the middle of its scan: libjpeg warns "Corrupt
+    JPEG data: premature end of data segment" and fills grey, and PIL and OpenCV both accept it."""
+    data = bytearray(encode(img, "JPEG", quality=90, **save_options))
+    mid = len(data) // 2
+    data[mid : mid + 64] = b"\xff\xd0" * 32
+    return bytes(data)
+
+
+def gif_many_frames(frames: int, width: int = 1000, height: int = 1000) -> bytes:
+    """An animated GIF of ``frames`` all-black ``width x height`` frames (a few KB each): decoding every
+    frame would cost ``frames`` times the pixels its header claims."""
+    one = encode(Image.new("P", (width, height), 0), "GIF")
+    pos = 13 + (3 << ((one[10] & 7) + 1) if one[10] & 0x80 else 0)  # after the header and global colour table
+    while one[pos] == 0x21:  # skip extension blocks: 0x21, label, sub-blocks, 0
+        pos += 2
+        while one[pos]:
+            pos += one[pos] + 1
+        pos += 1
+    frame = one[pos:-1]  # image descriptor + LZW data, without the trailer
+    return one[:pos] + frame * (frames - 1) + one[pos:]
+
+
+def other_format_files() -> dict[str, bytes]:
+    """Real files of formats the project does not accept, {name: bytes}: each must be "not_an_image"."""
+    small = Image.fromarray(photo("astronaut")[::16, ::16])  # 32 x 32 RGB
+    out = {fmt.lower(): encode(small, fmt) for fmt in ("EPS", "PDF", "ICO", "PPM", "TGA", "PCX", "SGI", "IM", "QOI",
+                                                         "DDS")}
+    out["xbm"] = encode(small.convert("1"), "XBM")
+    out["html"] = b"<!doctype html><html><body><img src='cat.jpg'></body></html>\n"
+    out["svg"] = b"<svg xmlns='http://www.w3.org/2000/svg' width='10' height='10'><rect width='10'/></svg>"
+    out["ps"] = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # would run Ghostscript
+    out["zip"] = b"PK\x03\x04" + bytes(60)
+    return out
+
+
+# Hostile inputs beyond BAD (kind -> (key, reason)): other formats under image names, JPEGs PIL accepts but
+# libjpeg warns about. Written by write_hostile_images.
+HOSTILE = {
+    "eps_named_jpg": ("hostile/page.jpg", "not_an_image"),
+    "html_named_jpg": ("hostile/index.jpg", "not_an_image"),
+    "ppm_named_png": ("hostile/frame.png", "not_an_image"),
+    "ico_named_bmp": ("hostile/favicon.bmp", "not_an_image"),
+    "tga_named_tif": ("hostile/texture.tif", "not_an_image"),
+    "corrupt_scan": ("hostile/grey_rows.jpg", "corrupt"),
+    "no_end_marker": ("hostile/cut.jpeg", "truncated"),
+}
+
+# Accepted images of extreme shapes (kind -> key): 1 x 20000, 20000 x 1, 1 x 1, a 300-frame GIF.
+EXTREME = {
+    "tall": "extreme/tall.png",
+    "wide": "extreme/wide.gif",
+    "dot": "extreme/dot.png",
+    "frames": "extreme/frames.gif",
+}
+
+
+def write_hostile_images(root: Path) -> dict[str, str]:
+    """Write the HOSTILE and EXTREME files under ``root``; returns {key: kind}."""
+    rgb = Image.fromarray(photo("astronaut")[::2, ::2])
+    others = other_format_files()
+    jpeg = encode(rgb, "JPEG", quality=90)
+    ramp = np.tile(np.arange(20000, dtype=np.uint32) % 256, (1, 1)).astype(np.uint8)  # (1, 20000)
+    files = {
+        HOSTILE["eps_named_jpg"][0]: others["eps"],
+        HOSTILE["html_named_jpg"][0]: others["html"],
+        HOSTILE["ppm_named_png"][0]: others["ppm"],
+        HOSTILE["ico_named_bmp"][0]: others["ico"],
+        HOSTILE["tga_named_tif"][0]: others["tga"],
+        HOSTILE["corrupt_scan"][0]: corrupt_scan_jpeg(rgb),
+        HOSTILE["no_end_marker"][0]: jpeg[:-2],
+        EXTREME["tall"]: encode(Image.fromarray(ramp.T.copy()).convert("RGB"), "PNG"),
+        EXTREME["wide"]: encode(Image.fromarray(ramp), "GIF"),
+        EXTREME["dot"]: encode(Image.new("RGB", (1, 1), (200, 30, 10)), "PNG"),
+        EXTREME["frames"]: gif_many_frames(300),
+    }
+    kinds = {**{key: kind for kind, (key, _) in HOSTILE.items()}, **{key: kind for kind, key in EXTREME.items()}}
+    for key, data in files.items():
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return {key: kinds[key] for key in files}
