@@ -3,12 +3,24 @@
     deepfill evaluate --images s3://bucket/heldout --model models:/deepfill@candidate --mask-preset thick_256 \\
         --seed 0 --output s3://bucket/reports/thick_256 [--max-images 100] [--size 256]
 
-For each image (sorted keys, the first ``--max-images``):
+Inputs: every file under ``--images`` whose name ends in one of ``pipeline.images.IMAGE_SUFFIXES``, hidden
+names (a part starting with ``.``) included, in sorted key order; the first ``--max-images`` of them. A key
+that cannot be evaluated is skipped with a reason code, listed in report.md and metrics.json, and the rest
+are still scored: ``unsafe_key`` (``pipeline.storage.unsafe_key`` refuses it as a relative path: ``..``,
+``//``, control characters), ``read_failed`` (a broken link, an unreadable file, any OSError on read),
+``too_large`` (over ``--max-bytes``, from the listed size, never read), ``resize_failed`` (OpenCV refused to
+resize it), or any ``pipeline.images.ImageRejected`` reason (``not_an_image``, ``truncated``, ``corrupt``,
+``decompression_bomb`` over ``--max-pixels``, ...). When no key is usable the job fails with one line and
+writes nothing.
 
-1. decode (``pipeline.images.decode_image``: EXIF orientation, RGB), then fit to ``size x size``: resize so the
-   short side is ``size`` (INTER_AREA when shrinking, INTER_CUBIC when enlarging), then centre crop. ``size``
-   defaults to the preset's size (``thin_256`` -> 256, ``thick_512`` -> 512) and to 256 for ``box``,
-   ``strokes``, ``mixed``, ``thin``, ``medium``, ``thick``.
+For each image:
+
+1. decode (``pipeline.images.decode_image``: EXIF orientation, RGB), then fit to ``size x size``: centre crop
+   the largest square, then resize it to ``size`` (INTER_AREA when shrinking, INTER_CUBIC when enlarging).
+   Any size and aspect ratio is accepted: cropping first keeps the work to the decoded pixels (a 1 x 100000
+   image is cropped to 1 x 1, then enlarged to a flat tile), so an extreme image costs no more memory than
+   its decode, which ``--max-pixels`` bounds. ``size`` defaults to the preset's size (``thin_256`` -> 256,
+   ``thick_512`` -> 512) and to 256 for ``box``, ``strokes``, ``mixed``, ``thin``, ``medium``, ``thick``.
 2. mask: ``pipeline.masks.generate_mask(preset, size, size, mask_rng(seed, 0, key))`` (1 = hole), the same
    for every method and every run with the same seed.
 3. inpaint with the model through ``models.inpaint_uint8`` (the one inference path), and with
@@ -17,10 +29,12 @@ For each image (sorted keys, the first ``--max-images``):
    (hole pixels only), psnr (whole image, dB), ssim (whole image), tv (of the output; the ground truth's TV is
    reported too as a reference). The mean over images is the headline.
 
-Written under ``--output``: ``report.md`` (mean table + definitions), ``metrics.json`` (config, model, means,
-per-image values), ``metrics.csv`` (one row per image and method), ``grid.png`` (one row per image, at most
-``--grid-rows``: masked input | ours | Telea | ground truth | attention map of ``models.visualize.flow_to_image``).
-``--save-images`` also writes every method's output as ``images/<method>/<key>.png``.
+Written under ``--output`` (which must not lie inside ``--images``: the report would be read back as input):
+``report.md`` (mean table, definitions, skipped keys with reasons), ``metrics.json`` (config, model, means,
+per-image values, ``skipped``: {key: reason}), ``metrics.csv`` (one row per image and method), ``grid.png``
+(one row per image, at most ``--grid-rows``: masked input | ours | Telea | ground truth | attention map of
+``models.visualize.flow_to_image``). ``--save-images`` also writes every method's output as
+``images/<method>/<key>.png``.
 
 MLflow: one run in experiment ``--experiment`` (default "deepfill-evaluate") with the settings as params, the
 mean metrics as ``<method>/<metric>``, the report files as artifacts, and tags naming the model it judged
@@ -32,6 +46,7 @@ so each side links to the other. ``--no-mlflow`` skips all of it.
 from __future__ import annotations
 
 import csv
+import heapq
 import io
 import json
 import logging
@@ -39,9 +54,13 @@ import math
 import os
 import re
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
+
+from pipeline.config import DEFAULT_MAX_PIXELS
+from pipeline.images import DEFAULT_MAX_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +68,7 @@ METHODS = ("ours", "telea", "navier_stokes")
 METRICS = ("l1", "l2", "l1_hole", "l2_hole", "psnr", "ssim", "tv")
 DEFAULT_SIZE = 256
 INPAINT_RADIUS = 3  # pixels; cv2.inpaint's neighbourhood for Telea and Navier-Stokes
+REPORT_SKIPPED_ROWS = 200  # skipped keys listed in report.md; metrics.json lists them all
 
 
 @dataclass
@@ -60,15 +80,18 @@ class EvaluateOptions:
     mask_preset: str  # the masks: box, strokes, mixed, thin_256, thick_512, ... (pipeline.masks)
     output: str  # folder or s3:// prefix for the report
     seed: int = 0  # mask seed: the same masks for every method and every run with the same seed
-    max_images: int | None = None  # evaluate only the first N keys (sorted); default all
+    max_images: int | None = None  # evaluate only the first N keys (sorted, skipped ones included); default all
     size: int | None = None  # evaluation size in pixels; default the preset's (thick_512 -> 512), else 256
     batch_size: int = 4  # images per forward pass of the model
-    grid_rows: int = 8  # images shown in grid.png
+    grid_rows: int = 8  # images shown in grid.png (at least 1)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit: larger image headers are skipped
+    max_bytes: int = DEFAULT_MAX_BYTES  # files over this many bytes are skipped (too_large) without being read
     save_images: bool = False  # also write every method's output images under images/<method>/
     mlflow: bool = True  # log the report to MLflow, linked to the model version it judged
     experiment: str = "deepfill-evaluate"  # MLflow experiment name
 
     def __post_init__(self):
+        from jobs.options import check_name
         from pipeline.masks import MASK_KINDS
 
         if self.mask_preset not in MASK_KINDS:
@@ -81,8 +104,22 @@ class EvaluateOptions:
             raise ValueError(f"max_images must be >= 1, got {self.max_images}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.grid_rows < 0:
-            raise ValueError(f"grid_rows must be >= 0, got {self.grid_rows}")
+        if self.grid_rows < 1:
+            raise ValueError(f"grid_rows must be >= 1, got {self.grid_rows}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+        if self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
+        for name in ("images", "model", "output"):
+            if not str(getattr(self, name)).strip():
+                raise ValueError(f"{name} must not be empty")
+        check_name(self.experiment, "experiment", forbid="")  # as train's tracking.experiment
+        from pipeline import storage
+
+        how = storage.overlap(self.output, self.images)
+        if how in ("is", "is inside"):  # the report would be read back as an input
+            raise ValueError(f"output must not be inside images (the report would be read back as an input): "
+                             f"{storage.redact(self.output)!r} {how} {storage.redact(self.images)!r}")
 
 
 Options = EvaluateOptions  # what `deepfill evaluate` reads (jobs.cli)
@@ -95,18 +132,19 @@ def preset_size(preset: str) -> int:
 
 
 def fit_square(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (size, size, 3): resize the short side to ``size``, then centre crop."""
+    """uint8 (H, W, 3) -> uint8 (size, size, 3): centre crop the largest square (side min(H, W)), then resize
+    it to ``size`` (INTER_AREA when shrinking, INTER_CUBIC when enlarging). Cropping first means no array
+    larger than the input or the output is made, whatever the aspect ratio."""
     import cv2
 
     h, w = image.shape[:2]
-    scale = size / min(h, w)
-    if scale != 1.0:
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-        image = cv2.resize(image, (nw, nh), interpolation=interp)
-        h, w = nh, nw
-    top, left = (h - size) // 2, (w - size) // 2
-    return np.ascontiguousarray(image[top : top + size, left : left + size])
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = image[top : top + side, left : left + side]  # (side, side, 3)
+    if side != size:
+        interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+        square = cv2.resize(np.ascontiguousarray(square), (size, size), interpolation=interp)
+    return np.ascontiguousarray(square)
 
 
 def classical_inpaint(image: np.ndarray, mask: np.ndarray, method: str) -> np.ndarray:
@@ -146,6 +184,26 @@ def _fmt(metric: str, value: float) -> str:
     return f"{value:.4f}"
 
 
+def _md_key(key: str) -> str:
+    """A key as a markdown table cell: control characters escaped (as in JSON), ``|`` and backticks defused."""
+    text = json.dumps(key, ensure_ascii=False)[1:-1].replace("`", "'").replace("|", "\\|")
+    return f"`{text}`"
+
+
+def _skipped_markdown(skipped: dict[str, str]) -> list[str]:
+    """report.md's section on skipped keys: the count per reason, then the keys (at most REPORT_SKIPPED_ROWS)."""
+    if not skipped:
+        return []
+    counts = Counter(skipped.values())
+    lines = ["## Skipped", "", ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items())) + ".", "",
+             "| key | reason |", "|---|---|"]
+    for key in sorted(skipped)[:REPORT_SKIPPED_ROWS]:
+        lines.append(f"| {_md_key(key)} | {skipped[key]} |")
+    if len(skipped) > REPORT_SKIPPED_ROWS:
+        lines.append(f"\n... and {len(skipped) - REPORT_SKIPPED_ROWS} more, all listed in metrics.json.")
+    return [*lines, ""]
+
+
 def report_markdown(opts: EvaluateOptions, model_info: dict, means: dict, truth_tv: float, count: int,
                     skipped: dict[str, str]) -> str:
     from pipeline.storage import redact
@@ -157,8 +215,8 @@ def report_markdown(opts: EvaluateOptions, model_info: dict, means: dict, truth_
         f"Model: `{redact(opts.model)}`"
         + (f" (registered {model_info['model_name']} version {model_info['model_version']})"
            if "model_version" in model_info else ""),
-        f"Images: {count} evaluated at {opts.size}x{opts.size} (short side resized, centre crop)"
-        + (f", {len(skipped)} skipped (undecodable)" if skipped else "") + ".",
+        f"Images: {count} evaluated at {opts.size}x{opts.size} (centre square, resized)"
+        + (f", {len(skipped)} skipped (listed below with their reasons)" if skipped else "") + ".",
         "",
         header,
         "|" + "---|" * (len(METRICS) + 1),
@@ -180,6 +238,7 @@ def report_markdown(opts: EvaluateOptions, model_info: dict, means: dict, truth_
         "",
         "Grid columns: masked input | ours | Telea | ground truth | attention map.",
         "",
+        *_skipped_markdown(skipped),
     ]
     return "\n".join(lines)
 
@@ -190,31 +249,36 @@ def evaluate(opts: EvaluateOptions) -> dict:
     from jobs import serving
     from models import visualize
     from pipeline import storage
-    from pipeline.images import IMAGE_SUFFIXES, ImageRejected, decode_image, encode_png
+    from pipeline.images import IMAGE_SUFFIXES, encode_png
     from pipeline.masks import generate_mask, mask_rng
     from pipeline.progress import Progress
 
     size = int(opts.size)
-    keys = storage.list_files(opts.images, IMAGE_SUFFIXES)
-    if opts.max_images is not None:
-        keys = keys[: opts.max_images]
-    if not keys:
-        raise ValueError(f"no images under {storage.redact(opts.images)}")
+    listed = (e for e in storage.iter_entries(opts.images, hidden=True) if e.key.lower().endswith(IMAGE_SUFFIXES))
+    if opts.max_images is not None:  # the first N in key order, without holding the whole listing
+        entries = heapq.nsmallest(opts.max_images, listed, key=lambda e: e.key)
+    else:
+        entries = sorted(listed, key=lambda e: e.key)
+    if not entries:
+        raise ValueError(f"no images under {storage.redact(opts.images)} "
+                         f"(names ending in {', '.join(IMAGE_SUFFIXES)})")
     generator, model_info = serving.load_generator(opts.model)
 
     truths, masks, used, skipped = [], [], [], {}
-    for key in keys:
+    for entry in entries:
+        key = entry.key
         try:
-            image = decode_image(storage.read_bytes(storage.join(opts.images, key)))
-        except ImageRejected as err:
+            truths.append(_load_truth(opts, entry, size))
+        except _Skip as err:
             skipped[key] = err.reason
-            log.warning("skipped %s: %s", key, err.reason)
+            log.warning("skipped %r: %s", key, storage.redact(str(err)))
             continue
-        truths.append(fit_square(image, size))
         masks.append(generate_mask(opts.mask_preset, size, size, mask_rng(opts.seed, 0, key)))
         used.append(key)
     if not used:
-        raise ValueError("no decodable images to evaluate")
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(Counter(skipped.values()).items()))
+        raise ValueError(f"no usable images under {storage.redact(opts.images)}: "
+                         f"all {len(skipped)} skipped ({counts})")
     truths_arr, masks_arr = np.stack(truths), np.stack(masks)  # (N, S, S, 3), (N, S, S)
 
     outputs = {m: [] for m in METHODS}
@@ -244,7 +308,8 @@ def evaluate(opts: EvaluateOptions) -> dict:
     result = {
         "config": {"images": storage.redact(opts.images), "model": storage.redact(opts.model),
                    "mask_preset": opts.mask_preset, "seed": opts.seed, "size": size,
-                   "max_images": opts.max_images, "inpaint_radius": INPAINT_RADIUS},
+                   "max_images": opts.max_images, "max_pixels": opts.max_pixels, "max_bytes": opts.max_bytes,
+                   "inpaint_radius": INPAINT_RADIUS},
         "model": {k: v for k, v in model_info.items() if k != "ref"},
         "count": len(used),
         "skipped": skipped,
@@ -273,9 +338,45 @@ def evaluate(opts: EvaluateOptions) -> dict:
     log.info("evaluated %d images: ours psnr %.2f dB, telea %.2f dB, navier_stokes %.2f dB", len(used),
              means["ours"]["psnr"], means["telea"]["psnr"], means["navier_stokes"]["psnr"])
     if opts.mlflow:
-        result["mlflow_run_id"] = _log_to_mlflow(opts, model_info, means, truth_tv, len(used),
+        result["mlflow_run_id"] = _log_to_mlflow(opts, model_info, means, truth_tv, len(used), len(skipped),
                                                  {k: v for k, v in files.items() if not k.startswith("images/")})
     return result
+
+
+class _Skip(Exception):
+    """A key that cannot be evaluated; ``reason`` is its code in the report."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def _load_truth(opts: EvaluateOptions, entry, size: int) -> np.ndarray:
+    """One listed entry -> its ground truth, uint8 (size, size, 3) RGB; raises _Skip with the reason."""
+    import cv2
+
+    from pipeline import storage
+    from pipeline.images import ImageRejected, decode_image
+
+    problem = storage.unsafe_key(entry.key)
+    if problem:
+        raise _Skip("unsafe_key", problem)
+    if entry.size < 0:  # the listing could not stat it: a broken link, a vanished or unreadable file
+        raise _Skip("read_failed", "could not stat it")
+    if entry.size > opts.max_bytes:
+        raise _Skip("too_large", f"{entry.size} bytes is over max_bytes {opts.max_bytes}")
+    try:
+        data = storage.read_bytes(storage.join(opts.images, entry.key))
+    except OSError as err:  # a directory or link behind an image name, permissions, a vanished object
+        raise _Skip("read_failed", f"{type(err).__name__}: {err}") from None
+    try:
+        image = decode_image(data, max_pixels=opts.max_pixels, max_bytes=opts.max_bytes)
+    except ImageRejected as err:
+        raise _Skip(err.reason, err.detail) from None
+    try:
+        return fit_square(image, size)
+    except cv2.error as err:
+        raise _Skip("resize_failed", str(err).strip().splitlines()[-1]) from None
 
 
 def _csv(per_image: list[dict]) -> bytes:
@@ -289,7 +390,7 @@ def _csv(per_image: list[dict]) -> bytes:
 
 
 def _log_to_mlflow(opts: EvaluateOptions, model_info: dict, means: dict, truth_tv: float, count: int,
-                   files: dict[str, bytes]) -> str:
+                   num_skipped: int, files: dict[str, bytes]) -> str:
     """One MLflow run with params, mean metrics, report artifacts and tags linking it to the model version."""
     import mlflow
 
@@ -302,7 +403,8 @@ def _log_to_mlflow(opts: EvaluateOptions, model_info: dict, means: dict, truth_t
             tags["deepfill." + ("model_run_id" if key == "run_id" else key)] = str(model_info[key])
     with mlflow.start_run(run_name=f"evaluate-{opts.mask_preset}", tags=tags) as run:
         mlflow.log_params({"mask_preset": opts.mask_preset, "seed": opts.seed, "size": opts.size,
-                           "num_images": count, "images": redact(opts.images), "inpaint_radius": INPAINT_RADIUS})
+                           "num_images": count, "num_skipped": num_skipped, "images": redact(opts.images),
+                           "inpaint_radius": INPAINT_RADIUS})
         values = {f"{method}/{m}": v for method in METHODS for m, v in means[method].items() if math.isfinite(v)}
         values["truth/tv"] = truth_tv
         mlflow.log_metrics(values)
@@ -323,7 +425,8 @@ def run(opts: EvaluateOptions) -> int:
     from pipeline.storage import redact
 
     result = evaluate(opts)
-    print(json.dumps({"count": result["count"], "mean": result["mean"], "output": redact(opts.output)}))
+    print(json.dumps({"count": result["count"], "skipped": len(result["skipped"]), "mean": result["mean"],
+                      "output": redact(opts.output)}))
     return 0
 
 

@@ -15,6 +15,7 @@ import models.checkpoint
 from jobs import evaluate, serving
 from jobs.cli import main
 from pipeline import storage
+from tests.imaging import AWKWARD, BAD, EXTREME, HOSTILE, SMALL, png_bomb, write_bad_images, write_hostile_images
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -23,8 +24,23 @@ def _png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _png_stored(arr: np.ndarray) -> bytes:
+    """PNG without compression: a big file, quickly."""
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=0)
+    return buf.getvalue()
+
+
 def _read_png(uri: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
+
+
+def _generator_file(tmp_path, cnum: int = 8):
+    """A small random generator saved as a generator file (what ``--model`` takes)."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "generator.pt"
+    models.checkpoint.save_generator(str(ckpt), models.InpaintGenerator(cnum=cnum).eval())
+    return ckpt
 
 
 def test_fit_square_and_preset_size():
@@ -42,9 +58,7 @@ def test_evaluate_on_s3_matches_hand_calculation(s3_bucket, tmp_path, monkeypatc
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    torch.manual_seed(0)
-    ckpt = tmp_path / "generator.pt"
-    models.checkpoint.save_generator(str(ckpt), models.InpaintGenerator(cnum=8).eval())
+    ckpt = _generator_file(tmp_path)
     with mlflow.start_run(run_name="train"):
         serving.log_inpaint_model(str(ckpt), registered_model_name="tiny-eval", alias="candidate")
 
@@ -100,3 +114,112 @@ def test_evaluate_on_s3_matches_hand_calculation(s3_bucket, tmp_path, monkeypatc
     mv = mlflow.MlflowClient().get_model_version("tiny-eval", "1")
     assert mv.tags["deepfill.eval.box"] == run.info.run_id
     mlflow.set_tracking_uri(None)
+
+
+def test_fit_square_crops_first_so_any_aspect_is_cheap():
+    import cv2
+
+    img = np.random.default_rng(0).integers(0, 256, (60, 100, 3), dtype=np.uint8)
+    want = cv2.resize(img[:, 20:80], (32, 32), interpolation=cv2.INTER_AREA)  # centre square, then shrink
+    np.testing.assert_array_equal(evaluate.fit_square(img, 32), want)
+    line = np.zeros((1, 100_000, 3), np.uint8)  # resizing the short side first would make 256 x 25.6M pixels
+    line[0, 49_999] = 200  # (100000 - 1) // 2
+    assert (evaluate.fit_square(line, 256) == 200).all()  # the centre pixel, enlarged
+    assert evaluate.fit_square(np.zeros((100_000, 2, 3), np.uint8), 16).shape == (16, 16, 3)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"grid_rows": 0}, "grid_rows must be >= 1"),
+    ({"batch_size": 0}, "batch_size must be >= 1"),
+    ({"max_images": 0}, "max_images must be >= 1"),
+    ({"size": 12}, "size must be a multiple of 8"),
+    ({"max_pixels": 0}, "max_pixels must be >= 1"),
+    ({"max_bytes": 0}, "max_bytes must be >= 1"),
+    ({"experiment": ""}, "experiment must not be empty"),
+    ({"images": ""}, "images must not be empty"),
+    ({"output": "heldout/report"}, "output must not be inside images"),
+    ({"output": "heldout"}, "output must not be inside images"),
+    ({"images": "s3://b/heldout/", "output": "s3://b/heldout/r"}, "output must not be inside images"),
+])
+def test_options_that_cannot_work_are_refused(change, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    opts = {"images": "heldout", "model": "m.pt", "mask_preset": "box", "output": "reports/box", **change}
+    with pytest.raises(ValueError, match=message):
+        evaluate.EvaluateOptions(**opts)
+    evaluate.EvaluateOptions(images="heldout", model="m.pt", mask_preset="box", output="heldout-report")  # a sibling
+
+
+def test_output_inside_images_is_refused_through_the_cli(tmp_path, capsys):
+    argv = ["evaluate", "--images", str(tmp_path), "--model", "m.pt", "--mask-preset", "box", "--output",
+            f"file://{tmp_path}/report", "--no-mlflow"]
+    assert main(argv) == 2
+    assert "output must not be inside images" in capsys.readouterr().err
+
+
+def _hostile_folder(root):
+    """Good, awkward, bad, hostile and extreme images, plus links and names that cannot be read or used.
+    Returns {key: reason} for every key that must be skipped, and the keys that must be scored."""
+    import os
+
+    kinds = {**write_bad_images(root), **write_hostile_images(root)}
+    skip = {key: {"empty": "empty", "not_image": "not_an_image", "truncated": "truncated", "corrupt": "corrupt",
+                  "bomb": "decompression_bomb"}[kind] for kind, key in BAD.items()}
+    skip.update({key: reason for key, reason in HOSTILE.values()})
+    rng = np.random.default_rng(1)
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "ok.png").write_bytes(_png(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)))
+    (root / "big").mkdir()
+    (root / "big" / "zeros.png").write_bytes(_png_stored(np.zeros((600, 600, 3), np.uint8)))  # 1.08 MB
+    skip["big/zeros.png"] = "too_large"  # over --max-bytes 1000000, from the listed size
+    (root / "big" / "header.png").write_bytes(png_bomb(3000, 1000))
+    skip["big/header.png"] = "decompression_bomb"  # over --max-pixels 2000000
+    (root / "links").mkdir()
+    os.symlink(root / "missing.jpg", root / "links" / "dangling.jpg")
+    skip["links/dangling.jpg"] = "read_failed"
+    os.symlink(root / "big", root / "links" / "folder.png")  # a directory behind an image name
+    skip["links/folder.png"] = "read_failed"
+    if os.geteuid() != 0:  # root reads through chmod 000
+        (root / "locked.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+        (root / "locked.png").chmod(0)
+        skip["locked.png"] = "read_failed"
+    (root / "ctl\x01name.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    skip["ctl\x01name.png"] = "unsafe_key"
+    (root / "readme.txt").write_text("not listed: not an image name")
+    scored = {*AWKWARD.values(), *SMALL.values(), *EXTREME.values(), ".hidden/ok.png"}
+    assert set(kinds) | {".hidden/ok.png"} >= scored
+    return skip, scored
+
+
+def test_hostile_folder_is_reported_key_by_key(tmp_path, one_torch_thread):
+    images, output = tmp_path / "heldout", tmp_path / "report"
+    images.mkdir()
+    skip, scored = _hostile_folder(images)
+    argv = ["evaluate", "--images", str(images), "--model", str(_generator_file(tmp_path, cnum=4)),
+            "--mask-preset", "box", "--size", "32", "--output", str(output), "--no-mlflow", "--grid-rows", "2",
+            "--max-bytes", "1000000", "--max-pixels", "2000000", "--batch-size", "16"]
+    assert main(argv) == 0
+    result = json.loads((output / "metrics.json").read_text())
+    assert result["skipped"] == {k: skip[k] for k in sorted(skip)}
+    assert {e["key"] for e in result["per_image"]} == scored and result["count"] == len(scored)
+    for entry in result["per_image"]:
+        assert all(np.isfinite(entry["telea"][m]) for m in ("l1", "l2", "ssim"))
+    report = (output / "report.md").read_text()
+    assert f"{len(skip)} skipped" in report
+    for key, reason in skip.items():
+        assert f"| {evaluate._md_key(key)} | {reason} |" in report
+    assert "`ctl\\u0001name.png`" in report  # control characters escaped, not written raw
+    assert (output / "grid.png").exists()
+
+
+def test_no_usable_image_fails_with_one_line_and_writes_nothing(tmp_path, caplog, one_torch_thread):
+    images, output = tmp_path / "heldout", tmp_path / "report"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"<html></html>")
+    (images / "b.png").write_bytes(b"")
+    argv = ["evaluate", "--images", str(images), "--model", str(_generator_file(tmp_path, cnum=4)),
+            "--mask-preset", "box", "--size", "32", "--output", str(output), "--no-mlflow"]
+    assert main(argv) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0]
+    assert "no usable images" in errors[0] and "all 2 skipped (empty: 1, not_an_image: 1)" in errors[0]
+    assert not output.exists()
