@@ -1,5 +1,6 @@
-"""`deepfill prepare` end to end: real photos and bad files on the moto S3 server -> Parquet shards on S3,
-read back through Ray Data; resuming an interrupted run; file lists; no credential in logs or manifest."""
+"""`deepfill prepare` end to end: real photos, bad files and keys with strange names on the moto S3 server
+-> Parquet shards on S3, read back through Ray Data; resuming an interrupted run; file lists; no credential
+in logs or manifest. Reruns with other inputs or settings: tests/test_prepare_reruns.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from jobs.cli import main
 from pipeline import storage
 from pipeline.shards import prepare, read_manifest, split_of
 from tests.conftest import S3_TEST_SECRET
-from tests.imaging import AWKWARD, BAD, GOOD_PHOTOS, SMALL
+from tests.imaging import AWKWARD, BAD, GOOD_PHOTOS, SMALL, encode
 
 EXPECTED_REASONS = {  # bad kind -> reason code in the manifest
     "empty": "empty", "not_image": "not_an_image", "truncated": "truncated", "corrupt": "corrupt",
@@ -41,14 +42,35 @@ def _read_rows(dst, split, options=None):
     return rows
 
 
+def noise_png(seed: int, side: int = 64) -> bytes:
+    """A PNG of random pixels: ~3 KB at 32x32, ~12 KB at 64x64, ~27 KB at 96x96."""
+    import numpy as np
+    from PIL import Image
+
+    return encode(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), np.uint8)), "PNG")
+
+
+# Keys S3 allows that a path cannot hold: rejected unread as unsafe_key.
+# ("?versionId=": s3fs would read another key).
+UNSAFE_S3 = ("odd/a//b.png", "odd/a/../b.png", "odd/./c.png", "odd/..", "/lead.png", "odd/v?versionId=1.png")
+# Names that are names: read as they are (no glob expansion, hidden files included).
+STRANGE_S3 = ("odd/sp ace [1]*?.png", "odd/glob[x].png", "odd/globx.png", "odd/.hidden.png", "odd/ünï €.png")
+
+
 def test_prepare_s3_through_the_cli(s3_bucket, ray_local, good_images_dir, bad_images_dir, caplog, capfd):
     import ray
 
     src, dst = f"{s3_bucket}/raw", f"{s3_bucket}/shards"
     files = _source(good_images_dir, bad_images_dir)
+    files.update({key: noise_png(i) for i, key in enumerate(STRANGE_S3)})
+    files["odd/.DS_Store"] = b"\x00\x00\x00\x01Bud1" + bytes(64)
+    odd = {key: noise_png(10 + i) for i, key in enumerate(UNSAFE_S3)}
     fs, _ = storage.filesystem(src)
     for key, data in files.items():
-        fs.pipe_file(f"{storage.join(src, key)[5:]}", data)
+        fs.pipe_file(f"{src[5:]}/{key}", data)
+    for key, data in odd.items():  # put as they are, "//", ".." and "?versionId=" included
+        fs.call_s3("put_object", Bucket=s3_bucket[5:], Key=f"raw/{key}", Body=data)
+    files.update(odd)
 
     caplog.set_level(logging.INFO)
     rc = main(["prepare", "--src", src, "--dst", dst, "--shard-size", "200KB", "--val-fraction", "0.35",
@@ -59,12 +81,15 @@ def test_prepare_s3_through_the_cli(s3_bucket, ray_local, good_images_dir, bad_i
     # every bad file rejected with its reason, the small one too (40x56 < 64); nothing else rejected
     want = {f"bad/{BAD[kind]}": reason for kind, reason in EXPECTED_REASONS.items()}
     want[f"bad/{SMALL['small']}"] = "too_small"
+    want.update({key: "unsafe_key" for key in UNSAFE_S3})
+    want["odd/.DS_Store"] = "not_an_image"
     assert {r["key"]: r["reason"] for r in manifest["rejected"]} == want
-    good_keys = {f"good/{k}" for k in GOOD_PHOTOS.values()} | {f"bad/{k}" for k in AWKWARD.values()}
+    good_keys = ({f"good/{k}" for k in GOOD_PHOTOS.values()} | {f"bad/{k}" for k in AWKWARD.values()}
+                 | set(STRANGE_S3))
     counts = manifest["counts"]
     assert counts["listed"] == len(files) and counts["rejected"] == len(want)
-    assert counts["train"] + counts["val"] == len(good_keys) == 10
-    assert counts["val"] == 3  # 0.35 of these ten keys hash into val
+    assert counts["train"] + counts["val"] == len(good_keys) == 15
+    assert counts["val"] == sum(split_of(k, 0.35) == "val" for k in good_keys) == 4
 
     # read back through Ray Data with the S3 filesystem: one row per accepted image, original bytes
     pa_fs, path = storage.pyarrow_filesystem(storage.join(dst, "train"))
@@ -114,7 +139,8 @@ def test_interrupted_prepare_completes_without_duplicates(tmp_path, ray_local, g
 
     second = prepare(str(src), str(dst), shard_size_bytes=150_000, val_fraction=0.25, min_size=64, progress=False)
     planned = len(list((dst / "_work").glob("*.json")))
-    assert second["resumed_shards"] == planned - 1  # only the lost shard was redone
+    assert (second["shards_kept"], second["shards_written"]) == (planned - 1, 1)  # only the lost shard was redone
+    assert second["shards_removed"] == 1  # the earlier listing's part-00000-of-00099
     assert {p.name: p.stat().st_mtime_ns for p in shards[1:]} == kept
     assert not (dst / "train" / "part-00000-of-00099.parquet").exists()
     keys = [r["key"] for split in ("train", "val") for r in _read_rows(str(dst), split)]
@@ -130,13 +156,16 @@ def test_prepare_from_a_file_list(tmp_path, ray_local, good_images_dir):
     listing.write_text("\n".join(["# photos", *paths, missing]) + "\n")
     manifest = prepare(str(listing), str(tmp_path / "out"), val_fraction=0.0, min_size=256, progress=False)
     assert manifest["counts"]["train"] == 4 and manifest["counts"]["val"] == 0
-    assert [(r["key"], r["reason"]) for r in manifest["rejected"]] == [(missing.lstrip("/"), "read_error")]
+    assert [(r["key"], r["reason"]) for r in manifest["rejected"]] == [(missing.lstrip("/"), "read_failed")]
+    assert manifest["rejected"][0]["detail"].startswith("FileNotFoundError")
 
 
 def test_prepare_cli_rejects_bad_options(tmp_path, capsys):
     for flag, value, words in [("--shard-size", "lots", "shard_size: not a size: 'lots'"),
                                ("--val-fraction", "1.5", "val_fraction must be in [0, 1), got 1.5"),
+                               ("--max-bytes", "huge", "max_bytes: not a size: 'huge'"),
                                ("--endpoint-url", "minio:9000", "endpoint_url")]:
         assert main(["prepare", "--src", str(tmp_path), "--dst", str(tmp_path / "o"), flag, value]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        # (lines that Ray's log monitor forwards late from an earlier test's tasks start with "(")
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("\x1b[36m(")]
         assert len(err) == 1 and err[0].startswith("deepfill prepare: ") and words in err[0], err
