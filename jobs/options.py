@@ -15,6 +15,11 @@ Precedence: defaults < ``--config`` < flags < ``--set``. The key path of an opti
 everywhere: YAML, ``--set``, the flag (with ``-`` for ``_``) and the MLflow param name (``gan.gp_weight``).
 An unknown key lists the valid ones; a bad value names the option; a YAML or ``--set`` parse error is one
 line. Secrets are never options: S3 keys come from the AWS environment only.
+
+Every ``float`` option of every job must be finite: ``.inf``, ``nan`` (YAML or ``--set``) are refused with
+the option named, before any ``__post_init__`` sees them (``nan`` passes every ``<``/``>`` comparison). A
+field that genuinely accepts infinity says so with ``field(metadata={NON_FINITE_OK: True})``; none does today.
+``check_name`` is the shared rule for options that become folder, run or model names.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
 import re
 import tokenize
 import types
@@ -39,6 +45,28 @@ MISSING = dataclasses.MISSING
 
 class ConfigError(ValueError):
     """Options that cannot be loaded: unknown key, wrong type, a value failing validation, bad YAML."""
+
+
+NON_FINITE_OK = "non_finite_ok"  # field metadata key: this float option accepts inf / nan
+
+
+def check_name(value: str, option: str, *, allow_empty: bool = False, forbid: str = "/\\") -> None:
+    """Refuse a name that cannot safely become a folder, run or registry name, naming ``option``: empty
+    (unless ``allow_empty``), ``.`` or ``..`` (as the whole name or a ``/`` segment), leading or trailing
+    whitespace, control characters, or any character of ``forbid``. Raises ValueError."""
+    if value == "":
+        if allow_empty:
+            return
+        raise ValueError(f"{option} must not be empty")
+    bad = sorted({c for c in value if c in forbid})
+    if bad:
+        raise ValueError(f"{option} must not contain {' or '.join(repr(c) for c in bad)}, got {value!r}")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value):
+        raise ValueError(f"{option} must not contain control characters, got {value!r}")
+    if value != value.strip():
+        raise ValueError(f"{option} must not start or end with whitespace, got {value!r}")
+    if any(part in (".", "..") for part in value.split("/")):
+        raise ValueError(f"{option} must not be or contain a '.' or '..' path segment, got {value!r}")
 
 
 # ----------------------------------------------------------------------------------------- declaration
@@ -125,8 +153,9 @@ def _type_name(tp: Any) -> str:
 
 # ----------------------------------------------------------------------------------------- values
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Convert a YAML / CLI value to the declared field type, or raise ConfigError naming ``path``."""
+def _coerce(value: Any, tp: Any, path: str, finite: bool = True) -> Any:
+    """Convert a YAML / CLI value to the declared field type, or raise ConfigError naming ``path``.
+    ``finite``: a float (also inside a list or mapping) must not be inf or nan."""
     tp, optional = _strip_optional(tp)
     if value is None:
         if optional:
@@ -144,7 +173,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         args = typing.get_args(tp)
         item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{path}[{i}]", finite) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if isinstance(value, str):
@@ -152,7 +181,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         key_tp, value_tp = (typing.get_args(tp) or (Any, Any))
-        return {_coerce(k, key_tp, path): _coerce(v, value_tp, f"{path}.{k}") for k, v in value.items()}
+        return {_coerce(k, key_tp, path, finite): _coerce(v, value_tp, f"{path}.{k}", finite)
+                for k, v in value.items()}
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -177,9 +207,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
-            return float(value)
-        except (TypeError, ValueError):
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if finite and not math.isfinite(number):
+            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -194,7 +227,8 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         where = f"in '{prefix}'" if prefix else "at the top level"
         raise ConfigError(f"unknown option(s) {', '.join(repr(k) for k in unknown)} {where}; "
                           f"valid options: {', '.join(sorted(types_))}")
-    kwargs = {name: _coerce(data[name], tp, f"{prefix}.{name}" if prefix else name)
+    finite = {f.name: not f.metadata.get(NON_FINITE_OK, False) for f in dataclasses.fields(cls)}
+    kwargs = {name: _coerce(data[name], tp, f"{prefix}.{name}" if prefix else name, finite[name])
               for name, tp in types_.items() if name in data}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and _default(f) is MISSING]
     if missing:

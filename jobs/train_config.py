@@ -4,13 +4,19 @@ Every key path here (``gan.gp_weight``, ``scaling.num_workers``) is the same str
 and as the MLflow param name; the comment after a field is its ``--help`` text (``jobs.options``). The
 ``data`` and ``masks`` groups come from ``pipeline.config``, the ``gan`` group (schedule and loss weights)
 from ``models.gan``, so each is declared once, where it is used.
+
+Everything that can be checked from the options alone is checked here, when they load (``--print-config``
+included); what needs the world (``data.shards`` given and prepared, a cluster that holds the workers and
+the data pipeline) is checked by ``jobs.train.check_data`` and ``check_cluster`` before the job starts.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from jobs.options import check_name
 from models.gan import GanOptions
 from pipeline.config import DataConfig, MaskConfig
 
@@ -62,10 +68,13 @@ class ScalingOptions:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"  # worker placement
     # extra Ray resources each worker needs, e.g. {trainer: 1} to keep workers on nodes that declare it
     custom_resources: dict[str, float] = field(default_factory=dict)
+    # refuse to start when the cluster cannot hold the workers plus the data pipeline's CPUs (with an
+    #    autoscaler: when its maximum cannot); false skips the check (resources that join by other means)
+    check_resources: bool = True
 
     def __post_init__(self):
         for key, amount in self.custom_resources.items():
-            if key in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            if not key or key in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
                 raise ValueError(
                     f"scaling.custom_resources.{key} must be a non-negative number of a custom resource "
                     f"(CPU and GPU have their own options), got {amount!r}"
@@ -74,6 +83,8 @@ class ScalingOptions:
             raise ValueError(f"scaling.num_workers must be >= 0, got {self.num_workers}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"scaling.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"scaling.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         if self.use_gpu and not self.gpus_per_worker > 0:
             raise ValueError(f"scaling.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
 
@@ -103,15 +114,22 @@ class TrackingOptions:
     """MLflow: where, which experiment, and the registered model the job produces."""
 
     uri: str | None = None  # tracking URI; default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the cwd
-    experiment: str = "deepfill"  # MLflow experiment name
+    experiment: str = "deepfill"  # MLflow experiment name (may be a workspace path: /Users/me/deepfill)
     registered_model: str = "deepfill-v1"  # registry name of the final generator ("" = log, do not register)
     alias: str = "candidate"  # alias set on the registered version ("" = none)
     log_model: bool = True  # log the final generator as a pyfunc MLflow model
     grid_rows: int = 4  # validation samples shown in each picture grid
 
     def __post_init__(self):
-        if not self.experiment:
-            raise ValueError("tracking.experiment must not be empty")
+        check_name(self.experiment, "tracking.experiment", forbid="")
+        if len(self.experiment) > 500:
+            raise ValueError(f"tracking.experiment must be at most 500 characters, got {len(self.experiment)}")
+        # MLflow refuses '/' and ':' in model names; '@' would break the models:/name@alias URI
+        check_name(self.registered_model, "tracking.registered_model", allow_empty=True, forbid="/\\:@")
+        if self.alias and (not re.fullmatch(r"[\w\-]+", self.alias) or self.alias.lower() == "latest"
+                           or re.fullmatch(r"[vV]\d+", self.alias)):
+            raise ValueError(f"tracking.alias must be letters, digits, '_' and '-' (not 'latest' or v<N>: "
+                             f"MLflow reserves them), got {self.alias!r}")
         if self.alias and not self.registered_model:
             raise ValueError("tracking.alias needs tracking.registered_model")
         if self.grid_rows < 0:
@@ -150,8 +168,9 @@ class TrainConfig:
     debug: DebugOptions = field(default_factory=DebugOptions)
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ValueError(f"name must be a non-empty name without '/', got {self.name!r}")
+        check_name(self.name, "name", forbid="/\\")  # a folder under checkpoint.storage_path
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:

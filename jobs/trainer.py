@@ -433,13 +433,11 @@ class MLflowLogging(Hook):
         cfg = trainer.cfg
         if cfg.tracking.log_model and trainer.step > trainer.start_step:
             from jobs.options import to_dict
-            from jobs.train_state import GENERATOR_FILENAME
-            from models.checkpoint import save_generator
-            from models.gan import unwrap
+            from jobs.train_state import GENERATOR_FILENAME, write_generator
 
             with tempfile.TemporaryDirectory(prefix="deepfill-model-") as folder:
                 path = os.path.join(folder, GENERATOR_FILENAME)
-                save_generator(path, unwrap(trainer.generator), step=cfg.steps, config=to_dict(cfg))
+                write_generator(path, trainer.generator, step=cfg.steps, config=to_dict(cfg))  # redacted
                 self.tracker.log_model(path, cfg.tracking.registered_model, cfg.tracking.alias)
         self.tracker.finish()
 
@@ -524,7 +522,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     del state
 
     node_ids = gather_objects(ray.get_runtime_context().get_node_id(), world)  # collective
+    from pipeline.datasets import stall_message, watch_stream
+
     batches = endless_batches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.data.shuffle_buffer)
+    # a starved or stuck pipeline fails this worker after data.stall_timeout_s instead of hanging the job
+    batches = watch_stream(batches, cfg.data.stall_timeout_s, stall_message(cfg.data, cfg.data.stall_timeout_s))
     hooks = default_hooks(storage_uri=loop_config["storage_uri"], tracking_uri=loop_config["tracking_uri"],
                           node_ids=node_ids)
     Trainer(cfg, rank=rank, world_size=world, device=device, networks=networks, optimizers=(opt_g, opt_d),

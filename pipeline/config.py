@@ -50,6 +50,9 @@ class DataConfig:
     decode_pool: str = "actors"  # "actors": a standing pool, no idle gap between shards (long jobs);
     #                              "tasks": one Ray task per shard, nothing to start up (short jobs, tests)
     decode_workers: int = 0  # decode actors (1 CPU each); 0 = autoscale from 1 to the free CPUs
+    # a training worker that waits this many seconds for its next batch stops with an error naming the
+    #    shards (a starved or stuck pipeline); generous, for the first batch of a large job; 0 = wait forever
+    stall_timeout_s: float = 600.0
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self):
@@ -69,6 +72,14 @@ class DataConfig:
             raise ValueError(f"data.decode_pool must be 'actors' or 'tasks', got {self.decode_pool!r}")
         if self.decode_workers < 0:
             raise ValueError(f"data.decode_workers must be >= 0 (0 = autoscale), got {self.decode_workers}")
+        if not self.stall_timeout_s >= 0:
+            raise ValueError(f"data.stall_timeout_s must be >= 0 (0 = off), got {self.stall_timeout_s}")
+
+    @property
+    def decode_cpus(self) -> int:
+        """Logical CPUs the decode stage needs to make progress (``build_train_dataset``): one per decode
+        actor of a fixed pool, else one (the first autoscaled actor, or one task at a time)."""
+        return self.decode_workers if self.decode_pool == "actors" and self.decode_workers else 1
 
 
 @dataclass

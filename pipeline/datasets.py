@@ -14,13 +14,21 @@ and get ``image`` (B, H, W, 3) uint8, ``mask`` (B, H, W, 1) uint8 (1 = hole), ``
 (gamma ** distance to the nearest known pixel in holes, 1 on known pixels), H = W = data.crop_size.
 
 ``load_val_set`` reads the val split directly with pyarrow (no Ray): the first ``count`` decodable images
-in key order, centre-cropped, with fixed masks (epoch ``VAL_EPOCH``), identical on every call.
+in key order, centre-cropped, with fixed masks (epoch ``VAL_EPOCH``), identical on every call. A val shard
+that cannot be read is skipped like a train shard: logged, and recorded in the same counter when Ray is up.
+
+``watch_stream`` guards a consumer: a stream that yields nothing for ``data.stall_timeout_s`` seconds
+raises ``StreamStalled`` (``stall_message`` says what to check) instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 import numpy as np
 
@@ -63,12 +71,16 @@ def _skip_counter_cls():
     return SkipCounter
 
 
-def _record_skips(rows: list[dict]) -> None:
-    """Report skipped rows to the named counter actor (created on first use) and to the log."""
+def _record_skips(rows: list[dict], split: str = "train") -> None:
+    """Report skipped rows (``{"key", "reason"}``) of ``split`` to the named counter actor (created on first
+    use) and to the log. Outside Ray (``load_val_set`` in a plain process) they are only logged."""
     import ray
 
     for r in rows:
-        log.warning("skipped training row %s: %s", r["key"], r["reason"])
+        log.warning("skipped %s row %s: %s", "training" if split == "train" else split, r["key"], r["reason"])
+    rows = [{**r, "split": split} for r in rows]
+    if split != "train" and not ray.is_initialized():
+        return
     try:
         counter = _skip_counter_cls().options(name=SKIP_COUNTER, get_if_exists=True, lifetime="detached",
                                               namespace="deepfill").remote()
@@ -78,8 +90,9 @@ def _record_skips(rows: list[dict]) -> None:
 
 
 def skipped_rows() -> dict:
-    """``{"count": int, "rows": [{"key", "reason"}, ...]}``: rows the training pipeline skipped so far in
-    this Ray cluster (all datasets, all epochs; a row skipped in two epochs counts twice)."""
+    """``{"count": int, "rows": [{"key", "reason", "split"}, ...]}``: rows (and unreadable shards, reason
+    ``unreadable_shard: ...``) the training pipeline and the val set skipped so far in this Ray cluster
+    (all datasets, all epochs; a row skipped in two epochs counts twice); ``split`` is "train" or "val"."""
     import ray
 
     try:
@@ -249,7 +262,12 @@ def load_val_set(data: DataConfig, masks: MaskConfig, count: int) -> dict[str, n
         fs, root = storage.pyarrow_filesystem(storage.join(data.shards, "val"), data.storage)
         names = storage.list_files(storage.join(data.shards, "val"), (".parquet",), data.storage)
         for name in names:
-            table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=["key", "image"])
+            try:
+                table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=["key", "image"])
+            except (OSError, ValueError) as err:  # an unreadable shard: record it, validate on the others
+                uri = storage.redact(storage.join(data.shards, "val", name))
+                _record_skips([{"key": uri, "reason": f"unreadable_shard: {type(err).__name__}"}], "val")
+                continue
             order = np.argsort(np.asarray(table.column("key").to_pylist(), dtype=object), kind="stable")
             col_key, col_img = table.column("key"), table.column("image")
             for i in order:
@@ -257,7 +275,7 @@ def load_val_set(data: DataConfig, masks: MaskConfig, count: int) -> dict[str, n
                 try:
                     img = center_crop(decode_image(col_img[int(i)].as_py(), max_pixels=data.max_pixels), s)
                 except ImageRejected as err:
-                    log.warning("skipped val row %s: %s", key, err.reason)
+                    _record_skips([{"key": key, "reason": err.reason}], "val")
                     continue
                 m = generate_mask(masks.kind, s, s, mask_rng(masks.seed, VAL_EPOCH, key),
                                   max_hole_fraction=masks.max_hole_fraction)
@@ -280,3 +298,76 @@ def load_val_set(data: DataConfig, masks: MaskConfig, count: int) -> dict[str, n
         "mask": np.stack(mask_list)[..., None],  # (N, S, S, 1) uint8, 1 = hole
         "weight": np.stack(weights)[..., None],  # (N, S, S, 1) float32
     }
+
+
+# ------------------------------------------------------------------------------------- the stall watchdog
+
+T = TypeVar("T")
+
+
+class StreamStalled(TimeoutError):
+    """A watched stream yielded nothing for its timeout (``watch_stream``)."""
+
+
+def stall_message(data: DataConfig, timeout_s: float) -> str:
+    """What a training worker says when its batches stop for ``timeout_s`` seconds: the option, the shards
+    and what to check."""
+    shards = storage.redact(storage.join(data.shards, "train")) if data.shards else "the given dataset"
+    return (f"no training batch for {timeout_s:g} s (data.stall_timeout_s) from {shards}: the data pipeline "
+            f"is stuck or starved. Check that the cluster has CPUs free for the decode stage beyond what the "
+            f"training workers reserve (data.decode_pool={data.decode_pool}, data.decode_workers="
+            f"{data.decode_workers}: {data.decode_cpus} CPU(s)), that the shards are reachable (data.storage) "
+            f"and the Ray Data logs; raise data.stall_timeout_s if the first batches legitimately take "
+            f"longer (0 = wait forever)")
+
+
+_ITEM, _END, _ERROR = "item", "end", "error"
+
+
+def watch_stream(items: Iterable[T], timeout_s: float, message: str) -> Iterator[T]:
+    """Yield from ``items``; raise ``StreamStalled(message)`` when the next item takes more than
+    ``timeout_s`` seconds to arrive (0 = no watch: a plain pass-through).
+
+    The time counted is the consumer's wait: a background thread pulls ``items`` one item ahead, so a slow
+    consumer (a long training step) never counts against the stream. An exception of ``items`` is raised
+    in the consumer; closing this generator stops the thread at its next item (a thread stuck inside the
+    stream stays, as a daemon, until the process ends).
+    """
+    if not timeout_s:
+        yield from items
+        return
+    handoff: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        try:
+            for item in items:
+                if not put((_ITEM, item)):
+                    return
+            put((_END, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            put((_ERROR, err))
+
+    threading.Thread(target=pump, name="deepfill-stream-watch", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, value = handoff.get(timeout=timeout_s)
+            except queue.Empty:
+                raise StreamStalled(message) from None
+            if kind == _END:
+                return
+            if kind == _ERROR:
+                raise value
+            yield value
+    finally:
+        stop.set()

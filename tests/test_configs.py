@@ -63,11 +63,65 @@ def test_unknown_keys_are_rejected_with_the_valid_ones():
     ("checkpoint.every=0", "checkpoint.every"),
     ("scaling.custom_resources={CPU: 2}", "scaling.custom_resources.CPU"),
     ("debug.fail_at_step=-1", "debug.fail_at_step"),
+    # non-finite numbers, for every float option (jobs.options)
+    ("optim.lr_generator=.inf", "optim.lr_generator: must be a finite number"),
+    ("optim.lr_critic=nan", "optim.lr_critic: must be a finite number"),
+    ("gan.gp_weight=.nan", "gan.gp_weight: must be a finite number"),  # nan passed `< 0`
+    ("masks.gamma=inf", "masks.gamma: must be a finite number"),
+    ("scaling.custom_resources={trainer: .inf}", "scaling.custom_resources.trainer: must be a finite number"),
+    ("data.stall_timeout_s=-1", "data.stall_timeout_s"),
+    ("data.stall_timeout_s=.inf", "data.stall_timeout_s: must be a finite number"),
+    # names that become folders, MLflow runs and registry names
+    ("name=..", "name must not be or contain a '.' or '..'"),
+    ("name=a/b", "name must not contain '/'"),
+    ("name=''", "name must not be empty"),
+    ("name=\"run\\x07\"", "name must not contain control characters"),
+    ("tracking.experiment=''", "tracking.experiment must not be empty"),
+    ("tracking.experiment=..", "tracking.experiment must not be or contain"),
+    ("tracking.experiment=\"exp\\n\"", "tracking.experiment must not contain control characters"),
+    ("tracking.registered_model=a/b", "tracking.registered_model must not contain '/'"),
+    ("tracking.registered_model=a:b", "tracking.registered_model must not contain ':'"),
+    ("tracking.registered_model=..", "tracking.registered_model must not be or contain"),
+    ("tracking.alias=latest", "tracking.alias"),
+    ("tracking.alias=v3", "tracking.alias"),
+    ("tracking.alias='a b'", "tracking.alias"),
+    # counts and amounts that cannot work
+    ("seed=-1", "seed must be in [0, 2**32)"),
+    ("scaling.gpus_per_worker=-1", "scaling.gpus_per_worker"),
+    ("scaling.custom_resources={'': 1}", "scaling.custom_resources."),
+    ("scaling.num_workers=-1", "scaling.num_workers"),
+    ("data.decode_workers=-2", "data.decode_workers"),
+    ("log_every=0", "log_every"),
+    ("batch_size=0", "batch_size"),
 ])
 def test_validation_names_the_option(override, option):
     with pytest.raises(ConfigError) as err:
         load_config(TrainConfig, None, [override])
     assert option in str(err.value)
+
+
+def test_ordinary_names_still_load():
+    cfg = load_config(TrainConfig, None, ["name=places2-run.v2", "tracking.experiment=/Users/me/deepfill",
+                                          "tracking.registered_model=deepfill-v1.places2", "tracking.alias=prod_2",
+                                          "tracking.registered_model=''", "tracking.alias=''"])
+    assert cfg.name == "places2-run.v2" and cfg.tracking.experiment == "/Users/me/deepfill"
+
+
+def test_cli_refuses_non_finite_numbers_for_every_job(capsys, tmp_path):
+    from jobs import cli
+
+    tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    assert cli.main(["train", "--config", tiny, "--set", "optim.lr_generator=.inf"]) == 2
+    assert capsys.readouterr().err.strip() == "deepfill train: optim.lr_generator: must be a finite number, got inf"
+    (tmp_path / "nan.yaml").write_text("base: " + tiny + "\ngan:\n  l1_weight: nan\n")
+    assert cli.main(["train", "--config", str(tmp_path / "nan.yaml")]) == 2
+    assert "deepfill train: gan.l1_weight: must be a finite number" in capsys.readouterr().err
+    infer = ["infer", "--images", str(tmp_path), "--output", str(tmp_path / "out"), "--model", "m.pt",
+             "--mask-preset", "box"]
+    assert cli.main([*infer, "--num-cpus-per-actor", "inf"]) == 2
+    assert capsys.readouterr().err.strip() == "deepfill infer: num_cpus_per_actor: must be a finite number, got 'inf'"
+    assert cli.main(["prepare", "--src", str(tmp_path), "--dst", str(tmp_path / "s"), "--val-fraction", "nan"]) == 2
+    assert capsys.readouterr().err.strip() == "deepfill prepare: val_fraction: must be a finite number, got 'nan'"
 
 
 def test_cli_prints_the_resolved_config_and_rejects_bad_options(capsys):

@@ -157,3 +157,59 @@ def test_flags_are_generated_and_precede_the_file_but_not_set(tmp_path, capsys):
     assert "--src SRC where the images are (required)" in text and "--size N tile size (default: 8)" in text
     assert "--fast, --no-fast go fast (default: off)" in text
     assert "group.gp_weight (float = 10.0) gradient-penalty weight" in text  # nested options in the epilog
+
+
+@dataclass
+class Numbers:
+    rate: float = 0.1  # a rate
+    weights: dict[str, float] = field(default_factory=dict)  # named weights
+    sizes: list[float] = field(default_factory=list)  # sizes
+    ceiling: float = field(default=float("inf"), metadata={"non_finite_ok": True})  # may be infinite
+
+
+@pytest.mark.parametrize("text", [".inf", "-.inf", ".nan", "inf", "nan", "-Infinity", "1e400"])
+def test_non_finite_floats_are_refused_by_name(text, tmp_path):
+    with pytest.raises(ConfigError, match=r"^rate: must be a finite number"):
+        load_config(Numbers, None, [f"rate={text}"])
+    with pytest.raises(ConfigError, match=r"^weights\.a: must be a finite number"):
+        load_config(Numbers, None, [f"weights={{a: {text}}}"])
+    with pytest.raises(ConfigError, match=r"^sizes\[1\]: must be a finite number"):
+        load_config(Numbers, None, [f"sizes=[1, {text}]"])
+    (tmp_path / "n.yaml").write_text(f"rate: {text}\n")
+    with pytest.raises(ConfigError, match=r"^rate: must be a finite number"):
+        load_config(Numbers, tmp_path / "n.yaml")
+    # a field that genuinely accepts infinity opts out with its metadata
+    assert load_config(Numbers, None, [f"ceiling={text}"]).ceiling != 0.1
+
+
+def test_an_integer_too_large_for_a_float_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^rate: expected a number"):
+        from_dict(Numbers, {"rate": 10**400})
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("", "must not be empty"), ("..", "'..' path segment"), (".", "'..' path segment"),
+    ("a/b", "must not contain '/'"), ("a\\b", "must not contain '\\\\'"),
+    ("bell\x07", "control characters"), ("new\nline", "control characters"), ("del\x7f", "control characters"),
+    (" lead", "whitespace"), ("trail\t", "control characters"),
+])
+def test_check_name_refuses_unsafe_names_by_option(value, problem):
+    from jobs.options import check_name
+
+    with pytest.raises(ValueError, match=r"^my\.name ") as err:
+        check_name(value, "my.name")
+    assert problem in str(err.value)
+    if not set(value) & set("/\\"):  # the same with "/" and "\\" allowed (an MLflow workspace path)
+        with pytest.raises(ValueError, match=r"^my\.name "):
+            check_name(value, "my.name", forbid="")
+    with pytest.raises(ValueError, match=r"'\.\.' path segment"):
+        check_name("/Users/../admin", "my.name", forbid="")
+
+
+def test_check_name_accepts_ordinary_names():
+    from jobs.options import check_name
+
+    for value in ("run-1", "places2.v2", "deepfill_tiny", "Ünïcode name"):
+        check_name(value, "name")
+    check_name("", "name", allow_empty=True)
+    check_name("/Users/me/deepfill", "tracking.experiment", forbid="")  # a workspace path

@@ -120,11 +120,35 @@ def test_corrupt_rows_are_skipped_and_counted(tmp_path, ray_local, good_images_d
         "truncated": "truncated", "corrupt": "corrupt", "not_image": "not_an_image"}
 
 
+def test_an_unreadable_val_shard_is_skipped_and_counted_like_a_train_shard(tmp_path, ray_local, good_images_dir,
+                                                                           bad_images_dir):
+    bad_root, _ = bad_images_dir
+    good = {k: (good_images_dir / k).read_bytes() for k in list(GOOD_PHOTOS.values())[:2]}
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "part-00000-of-00002.parquet").write_bytes(b"PAR1 not really parquet")  # listed first
+    _write_shard(str(tmp_path / "val" / "part-00001-of-00002.parquet"),
+                 {**good, "zz-corrupt": (bad_root / BAD["corrupt"]).read_bytes()})
+    reset_skipped_rows()
+    val = load_val_set(DataConfig(shards=str(tmp_path), crop_size=CROP), MaskConfig(), 10)
+    assert sorted(val["key"]) == sorted(good)  # validation goes on with the readable shard's good rows
+    skipped = skipped_rows()
+    assert skipped["count"] == 2
+    assert {r["key"]: (r["reason"], r["split"]) for r in skipped["rows"]} == {
+        str(tmp_path / "val" / "part-00000-of-00002.parquet"): ("unreadable_shard: ArrowInvalid", "val"),
+        "zz-corrupt": ("corrupt", "val")}
+
+
 def test_decode_pool_options_are_checked():
     with pytest.raises(ValueError, match="decode_pool"):
         DataConfig(decode_pool="threads")
     with pytest.raises(ValueError, match="decode_workers"):
         DataConfig(decode_workers=-1)
+    with pytest.raises(ValueError, match="data.stall_timeout_s"):
+        DataConfig(stall_timeout_s=-1)
+    # the CPUs the decode stage needs to make progress (what `deepfill train` checks the cluster for)
+    assert DataConfig(decode_pool="tasks", decode_workers=4).decode_cpus == 1
+    assert DataConfig(decode_pool="actors", decode_workers=4).decode_cpus == 4
+    assert DataConfig(decode_pool="actors", decode_workers=0).decode_cpus == 1
 
 
 def test_val_set_is_fixed(s3_shards):
