@@ -4,12 +4,27 @@
   generator file. ``predict`` runs the one inference path, ``models.inpaint_uint8``.
 - ``log_inpaint_model``: log that pyfunc (with a tensor signature) inside the active MLflow run, register it
   and point an alias (e.g. ``candidate``) at the new version.
-- ``load_generator``: ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``, a generator file
-  (local or ``s3://``), a training checkpoint folder holding ``generator.pt`` or a Ray Train run folder of
-  checkpoint folders (the newest, by ``jobs.train_state`` naming) -> (InpaintGenerator, info).
+- ``load_generator`` / ``fetch_checkpoint``: ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/model``,
+  a generator file (local or ``s3://``), a training checkpoint folder holding ``generator.pt`` or a Ray
+  Train run folder of checkpoint folders (the newest, by ``jobs.train_state`` naming) -> (InpaintGenerator,
+  info) or the generator file's bytes.
 
-The logged model carries no project code: it loads in a Python environment where this project
-(``deepfill-ray``) is installed, which is where ``jobs.serving.InpaintModel`` is imported from.
+What runs when a model is loaded (trust):
+
+- The pyfunc is logged from code (MLflow's "models from code"), not pickled: the model folder holds
+  ``MLmodel``, the ``checkpoint`` artifact and ``pyfunc_model.py``, a copy of ``jobs/pyfunc_model.py``
+  (``from jobs.serving import InpaintModel; set_model(InpaintModel())``), and no ``python_model.pkl``.
+  The class itself is not in the model: it is imported from the installed project (``deepfill-ray``), so
+  the model loads where this project is installed. ``mlflow.pyfunc.load_model`` still *executes* the
+  logged ``pyfunc_model.py``: whoever can write the registry's artifacts can change that file, so load
+  registry models through ``mlflow.pyfunc`` only from a registry whose writers you trust. Unlike a pickle,
+  the file is plain text a reviewer can read before loading.
+- ``fetch_checkpoint`` and ``load_generator`` (used by ``deepfill infer`` and ``deepfill evaluate``) never
+  execute model code: for ``models:/`` and ``runs:/`` refs they download the model folder, read
+  ``MLmodel`` as YAML (``yaml.safe_load``) to find the ``checkpoint`` artifact and return its bytes; the
+  generator is rebuilt by ``models.checkpoint`` with ``torch.load(weights_only=True)`` (tensors and plain
+  values only, no pickled objects). Neither ``pyfunc_model.py`` nor an older model's ``python_model.pkl``
+  is imported or unpickled, so older pickled registry versions are read the same safe way.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import logging
 import os
 import tempfile
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +43,8 @@ from jobs.train_state import GENERATOR_FILENAME, latest_checkpoint
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc artifact key holding the generator file
+# The models-from-code file logged with the pyfunc: it imports InpaintModel from the installed project.
+MODEL_CODE_PATH = Path(__file__).with_name("pyfunc_model.py")
 
 
 try:
@@ -96,7 +114,8 @@ def _pip_requirements() -> list[str]:
 
 def log_inpaint_model(generator_checkpoint_path: str, *, name: str = "model",
                       registered_model_name: str | None = None, alias: str | None = None):
-    """Log the generator file as an ``InpaintModel`` pyfunc in the active MLflow run.
+    """Log the generator file as an ``InpaintModel`` pyfunc in the active MLflow run, from code
+    (``jobs/pyfunc_model.py``; no pickle, see the module docstring).
 
     generator_checkpoint_path: a local ``models.checkpoint`` generator file (or an ``s3://`` URI; it is
     copied locally first). With ``registered_model_name`` the model is registered, and with ``alias`` that
@@ -120,7 +139,7 @@ def log_inpaint_model(generator_checkpoint_path: str, *, name: str = "model",
                 f.write(storage.read_bytes(generator_checkpoint_path))
         info = mlflow.pyfunc.log_model(
             name=name,
-            python_model=InpaintModel(),
+            python_model=str(MODEL_CODE_PATH),  # models from code: no pickle in the model
             artifacts={CHECKPOINT_ARTIFACT: str(local)},
             signature=model_signature(),
             input_example=input_example(),
