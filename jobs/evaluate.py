@@ -85,7 +85,7 @@ class EvaluateOptions:
     batch_size: int = 4  # images per forward pass of the model
     grid_rows: int = 8  # images shown in grid.png (at least 1)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit: larger image headers are skipped
-    max_bytes: int = DEFAULT_MAX_BYTES  # files over this many bytes are skipped (too_large) without being read
+    max_bytes: str = f"{DEFAULT_MAX_BYTES // 2**20}MB"  # files larger than this are skipped unread (too_large): bytes or e.g. 64MB
     save_images: bool = False  # also write every method's output images under images/<method>/
     mlflow: bool = True  # log the report to MLflow, linked to the model version it judged
     experiment: str = "deepfill-evaluate"  # MLflow experiment name
@@ -108,8 +108,10 @@ class EvaluateOptions:
             raise ValueError(f"grid_rows must be >= 1, got {self.grid_rows}")
         if self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        if self.max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
+        try:
+            self.max_bytes_limit  # noqa: B018 - validates max_bytes
+        except ValueError as err:
+            raise ValueError(f"max_bytes: {err}") from None
         for name in ("images", "model", "output"):
             if not str(getattr(self, name)).strip():
                 raise ValueError(f"{name} must not be empty")
@@ -121,6 +123,13 @@ class EvaluateOptions:
             raise ValueError(f"output must not be inside images (the report would be read back as an input): "
                              f"{storage.redact(self.output)!r} {how} {storage.redact(self.images)!r}")
 
+
+    @property
+    def max_bytes_limit(self) -> int:
+        """``max_bytes`` in bytes."""
+        from pipeline.config import parse_size
+
+        return parse_size(self.max_bytes)
 
 Options = EvaluateOptions  # what `deepfill evaluate` reads (jobs.cli)
 
@@ -363,14 +372,14 @@ def _load_truth(opts: EvaluateOptions, entry, size: int) -> np.ndarray:
         raise _Skip("unsafe_key", problem)
     if entry.size < 0:  # the listing could not stat it: a broken link, a vanished or unreadable file
         raise _Skip("read_failed", "could not stat it")
-    if entry.size > opts.max_bytes:
+    if entry.size > opts.max_bytes_limit:
         raise _Skip("too_large", f"{entry.size} bytes is over max_bytes {opts.max_bytes}")
     try:
         data = storage.read_bytes(storage.join(opts.images, entry.key))
     except OSError as err:  # a directory or link behind an image name, permissions, a vanished object
         raise _Skip("read_failed", f"{type(err).__name__}: {err}") from None
     try:
-        image = decode_image(data, max_pixels=opts.max_pixels, max_bytes=opts.max_bytes)
+        image = decode_image(data, max_pixels=opts.max_pixels, max_bytes=opts.max_bytes_limit)
     except ImageRejected as err:
         raise _Skip(err.reason, err.detail) from None
     try:

@@ -46,8 +46,11 @@ with a warning. Rows are strict JSON: unknown numbers are null, never NaN. Field
   only).
 
 Reruns: a key is skipped when its latest row is "ok", its fingerprint equals this run's and its output file
-exists; every other key is redone (a changed input, mask, format or model; an error; an output that exists
-without a row, e.g. written by a run killed before it journaled; a row whose output was deleted). When a
+exists, or when its latest row is an error the same bytes would give again (SETTLED_ERRORS: ``corrupt``,
+``not_an_image``, ``mask_size_mismatch`` ...) with the same fingerprint and no output; every other key is
+redone (a changed input, mask, format or model; an error that may pass next time, such as ``read_failed``,
+or that depends on ``--max-pixels`` / ``--max-bytes``; an output that exists without a row, e.g. written by
+a run killed before it journaled; a row whose output was deleted). When a
 redone key ends in an error, its stale output is deleted, so every PNG left has an "ok" row.
 Another model: if the latest "ok" rows under ``--output`` were made by a generator with another sha256, the
 run is refused up front (exit code 2, one line naming the model and ``--overwrite``; nothing is written):
@@ -116,7 +119,7 @@ class InferOptions:
     max_errors: int = 50  # bad inputs tolerated before the job stops with exit code 1 (-1 = no limit)
     format: Literal["png"] = "png"  # output format (lossless, so known pixels stay exact)
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit: larger input images are rejected
-    max_bytes: int = DEFAULT_MAX_BYTES  # images and masks larger than this (listed size) are rejected: too_large
+    max_bytes: str = f"{DEFAULT_MAX_BYTES // 2**20}MB"  # images and masks larger than this (listed size) are rejected: too_large; bytes or e.g. 64MB
     overwrite: bool = False  # replace outputs that another model (other generator sha256) wrote under --output
 
     def __post_init__(self):
@@ -137,8 +140,10 @@ class InferOptions:
             raise ValueError(f"max_errors must be >= 0 (or -1 for no limit), got {self.max_errors}")
         if self.max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
-        if self.max_bytes <= 0:
-            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+        try:
+            self.max_bytes_limit  # noqa: B018 - validates max_bytes
+        except ValueError as err:
+            raise ValueError(f"max_bytes: {err}") from None
         from pipeline.storage import overlap, redact
 
         for name, source in (("images", self.images), ("masks", self.masks)):
@@ -148,6 +153,13 @@ class InferOptions:
                     f"output (--output {redact(self.output)}) {how} {name} (--{name} {redact(source)}): outputs "
                     f"would be read back as {name} or written over them; choose an --output apart from it")
 
+
+    @property
+    def max_bytes_limit(self) -> int:
+        """``max_bytes`` in bytes."""
+        from pipeline.config import parse_size
+
+        return parse_size(self.max_bytes)
 
 Options = InferOptions  # what `deepfill infer` reads (jobs.cli)
 
@@ -218,27 +230,46 @@ class PlanSettings:
     max_bytes: int = DEFAULT_MAX_BYTES  # images and masks listed larger are rejected (too_large, mask_too_large)
 
 
+# Errors that the same input, mask and model give again on every run (the bytes are bad): a rerun keeps their
+# rows when the fingerprint matches. Errors that another run may not meet (read_failed, write_failed,
+# inference_failed, missing_input) or that depend on a limit outside the fingerprint (decompression_bomb,
+# too_large: --max-pixels, --max-bytes) are retried.
+SETTLED_ERRORS = frozenset({
+    "empty", "not_an_image", "truncated", "corrupt", "unsupported_mode", "no_hole", "mask_empty",
+    "mask_not_an_image", "mask_truncated", "mask_corrupt", "mask_unsupported_mode", "mask_size_mismatch",
+})
+
+
 class Previous:
-    """What earlier runs finished under an output, compact: for each key whose latest row is "ok", the
-    fingerprint of its provenance, as {128-bit key digest: 64-bit int}; and the models behind those rows
-    (``models``: sha256 -> [name, version, ref, rows]). About 120 bytes a key."""
+    """What earlier runs finished under an output, compact: for each key whose latest row is "ok" (or a
+    SETTLED_ERRORS error), the fingerprint of its provenance, as {128-bit key digest: 64-bit int}; and the
+    models behind the "ok" rows (``models``: sha256 -> [name, version, ref, rows]). About 120 bytes a key."""
 
     def __init__(self):
-        self.fingerprints: dict[int, int] = {}
+        self.fingerprints: dict[int, int] = {}  # "ok" rows
+        self.errors: dict[int, int] = {}  # settled error rows
         self.models: dict[str, list] = {}
 
     def add(self, key: str, fingerprint: str, model_sha256: str | None = None, model_name: str | None = None,
-            model_version: str | None = None, model_ref: str | None = None) -> None:
-        self._add(_digest(key), int(fingerprint, 16), (model_sha256, model_name, model_version, model_ref))
+            model_version: str | None = None, model_ref: str | None = None, *, error: bool = False) -> None:
+        self._add(_digest(key), int(fingerprint, 16), (model_sha256, model_name, model_version, model_ref), error)
 
-    def _add(self, digest: int, fp: int, model: tuple) -> None:
+    def _add(self, digest: int, fp: int, model: tuple, error: bool = False) -> None:
+        if error:
+            self.errors[digest] = fp
+            return
         self.fingerprints[digest] = fp
         if model[0]:
             entry = self.models.setdefault(model[0], [model[1], model[2], model[3], 0])
             entry[3] += 1
 
     def matches(self, key_digest: int, fp: str) -> bool:
+        """The key's latest row is "ok" with this fingerprint."""
         return self.fingerprints.get(key_digest) == int(fp, 16)
+
+    def settled_error(self, key_digest: int, fp: str) -> bool:
+        """The key's latest row is a SETTLED_ERRORS error with this fingerprint."""
+        return self.errors.get(key_digest) == int(fp, 16)
 
     def __len__(self) -> int:
         return len(self.fingerprints)
@@ -252,20 +283,21 @@ class Previous:
 
         def value(row: dict):
             fp = row.get("fingerprint")
-            if row.get("status") != "ok" or not isinstance(fp, str) or len(fp) != 16:
+            error = row.get("status") == "error" and row.get("reason") in SETTLED_ERRORS
+            if (row.get("status") != "ok" and not error) or not isinstance(fp, str) or len(fp) != 16:
                 return None
             try:
                 fp_int = int(fp, 16)
             except ValueError:
                 return None
             m = (row.get("model_sha256"), row.get("model_name"), row.get("model_version"), row.get("model_ref"))
-            return fp_int, models.setdefault(m, m)
+            return fp_int, models.setdefault(m, m), error
 
         prev = cls()
         for digest, v in journal.latest(output, storage_options, key=lambda r: _digest(r["key"]),
                                         value=value).items():
             if v is not None:
-                prev._add(digest, v[0], v[1])
+                prev._add(digest, v[0], v[1], v[2])
         return prev
 
 
@@ -341,8 +373,8 @@ def plan_entries(images: Iterable, outputs: Iterable, previous: Previous, settin
             suffix, size, version = packed.split("\0")
             prov.update(mask_key=s + suffix, mask_size=int(size), mask_version=version)
         fp = fingerprint(prov)
-        if stale and previous.matches(_digest(key), fp):
-            yield "skip", {"key": key}
+        if (stale and previous.matches(_digest(key), fp)) or (not stale and previous.settled_error(_digest(key), fp)):
+            yield "skip", {"key": key}  # its row stays: an output that is still right, or an error it would repeat
             continue
         reason, detail = "", ""
         if e.size < 0:
@@ -613,7 +645,7 @@ def run_infer(opts: InferOptions, storage_options=None) -> InferResult:
                  "model_ref": storage.redact(opts.model), "format": opts.format, "mask_preset": opts.mask_preset,
                  "mask_seed": opts.seed if opts.mask_preset is not None else None, "pixels_version": PIXELS_VERSION}
     settings = PlanSettings(model_sha256=sha, format=opts.format, mask_preset=opts.mask_preset, seed=opts.seed,
-                            max_bytes=opts.max_bytes)
+                            max_bytes=opts.max_bytes_limit)
     budget = math.inf if opts.max_errors < 0 else opts.max_errors
     errors = processed = skipped = 0
     todo = _TodoTable()
@@ -687,7 +719,7 @@ def _run_actors(opts: InferOptions, todo: _TodoTable, generator_bytes: bytes, jr
     # I/O-bound fetch tasks reserve no CPU, so they run beside actors that hold every CPU of the cluster
     ds = ds.map_batches(read_inputs, batch_size=opts.batch_size, num_cpus=0,
                         compute=ray.data.TaskPoolStrategy(size=max(2, opts.num_actors)),
-                        fn_kwargs={"images": opts.images, "masks": opts.masks, "max_bytes": opts.max_bytes,
+                        fn_kwargs={"images": opts.images, "masks": opts.masks, "max_bytes": opts.max_bytes_limit,
                                    "storage_options": storage_options})
     ds = ds.map_batches(
         InpaintWorker,

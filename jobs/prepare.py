@@ -23,9 +23,9 @@ import logging
 from dataclasses import dataclass
 
 from pipeline import storage
-from pipeline.config import DEFAULT_MAX_PIXELS, StorageOptions
+from pipeline.config import DEFAULT_MAX_PIXELS, StorageOptions, parse_size
 from pipeline.images import DEFAULT_MAX_BYTES
-from pipeline.shards import DEFAULT_SHARD_SIZE, parse_size, prepare
+from pipeline.shards import DEFAULT_SHARD_SIZE, prepare
 
 log = logging.getLogger("deepfill.prepare")
 

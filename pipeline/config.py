@@ -20,6 +20,24 @@ MaskKind = Literal[
 ]
 
 
+def parse_size(text: str | int) -> int:
+    """``"200MB"`` / ``"64KiB"`` / ``"1.5G"`` / ``"1048576"`` -> bytes (binary units); ValueError otherwise."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().replace(" ", "")
+    units = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
+             "G": 1024**3, "GB": 1024**3, "GIB": 1024**3}
+    num = s.rstrip("KMGIB")
+    unit = s[len(num):]
+    try:
+        value = int(float(num) * units[unit])
+    except (KeyError, ValueError, OverflowError):
+        raise ValueError(f"not a size: {text!r} (examples: 200MB, 64KB, 1048576)") from None
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
 @dataclass
 class StorageOptions:
     """How to reach object storage. Keys are NOT options: they come from the AWS environment / config."""

@@ -134,7 +134,7 @@ def test_fit_square_crops_first_so_any_aspect_is_cheap():
     ({"max_images": 0}, "max_images must be >= 1"),
     ({"size": 12}, "size must be a multiple of 8"),
     ({"max_pixels": 0}, "max_pixels must be >= 1"),
-    ({"max_bytes": 0}, "max_bytes must be >= 1"),
+    ({"max_bytes": "0"}, "max_bytes: size must be positive"),
     ({"experiment": ""}, "experiment must not be empty"),
     ({"images": ""}, "images must not be empty"),
     ({"output": "heldout/report"}, "output must not be inside images"),

@@ -197,10 +197,14 @@ def test_error_budget_stops_with_clear_exit(ray_local, s3_bucket, bad_images_dir
     # with a budget that fits, the same inputs exit 0 and every key has its row
     opts.max_errors = 10
     result = infer.run_infer(opts)
-    assert result.exit_code == 0 and result.errors_this_run == len(BAD)
+    # (errors the same bytes give again keep their rows from the first run: SETTLED_ERRORS)
+    first_settled = {k for k, r in rows.items() if r["status"] == "error" and r["reason"] in infer.SETTLED_ERRORS}
+    assert result.exit_code == 0 and result.skipped == len(first_settled) >= 1
+    assert result.errors_this_run == len(BAD) - len(first_settled)
     rows = _manifest(output)
     assert set(rows) == {*BAD.values(), SMALL["small"]}
     assert rows[SMALL["small"]]["status"] == "ok"
+    assert all(rows[k]["status"] == "error" and rows[k]["reason"] for k in BAD.values())
 
 
 def _cli(capsys, argv: list[str]) -> tuple[int, dict, str]:
@@ -227,12 +231,14 @@ def test_local_reruns_names_models_and_killed_run(ray_local, tmp_path, model_fil
     (src_dir / "big.png").write_bytes(_png(rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)))  # > --max-bytes
     (src_dir / "broken.png").symlink_to(tmp_path / "nowhere.png")
     (src_dir / "notes.txt").write_text("not an image: ignored")
+    (src_dir / "bad.jpg").write_bytes(b"a shopping list, not a JPEG\n" * 8)  # not_an_image, from the actors
     argv = ["infer", "--images", str(src_dir), "--output", str(out), "--model", model_file,
             "--mask-preset", "box", "--seed", "5", "--num-actors", "1", "--max-bytes", "20000"]
     code, summary, _ = _cli(capsys, argv)
-    assert code == 0 and summary["processed"] == len(sources)
+    assert code == 0 and summary["processed"] == len(sources) + 1
     rows = _manifest(str(out))
-    assert set(rows) == {*sources, "big.png", "broken.png"}  # every image key accounted for
+    assert set(rows) == {*sources, "big.png", "broken.png", "bad.jpg"}  # every image key accounted for
+    assert rows["bad.jpg"]["reason"] == "not_an_image" and rows["bad.jpg"]["fingerprint"]
     assert {k for k, r in rows.items() if r["status"] == "ok"} == set(sources)
     assert (rows["big.png"]["reason"], rows["broken.png"]["reason"]) == ("too_large", "read_failed")
     assert "20000" in rows["big.png"]["detail"] and "size -1" in rows["broken.png"]["detail"]
@@ -263,9 +269,11 @@ def test_local_reruns_names_models_and_killed_run(ray_local, tmp_path, model_fil
                                                                     "broken.png"}
     assert part.exists()  # another run's part is merged, never removed
 
-    # everything the same: nothing to inpaint (the two errors are settled again on the driver)
+    # everything the same: nothing to inpaint (the two errors are settled again on the driver; bad.jpg's row
+    # is kept: the same bytes would give the same error)
     code, summary, _ = _cli(capsys, argv)
-    assert code == 0 and summary["processed"] == 0 and summary["skipped"] == len(sources) + 1
+    assert code == 0 and summary["processed"] == 0 and summary["skipped"] == len(sources) + 2
+    assert _manifest(str(out))["bad.jpg"]["run"] == first_run
 
     # another model: refused up front with one line naming --overwrite; nothing changes
     other = tmp_path / "other.pt"
@@ -278,7 +286,7 @@ def test_local_reruns_names_models_and_killed_run(ray_local, tmp_path, model_fil
     assert code == 2 and len(err) == 1 and err[0].startswith("deepfill infer: ") and "sha256" in err[0], err
     assert (out / "manifest.jsonl").read_bytes() == manifest_before
     code, summary, _ = _cli(capsys, [*other_argv, "--overwrite"])
-    assert code == 0 and summary["processed"] == len(sources) + 1
+    assert code == 0 and summary["processed"] == len(sources) + 2  # bad.jpg too: its fingerprint names the model
     other_sha = hashlib.sha256(other.read_bytes()).hexdigest()
     assert {r["model_sha256"] for r in _manifest(str(out)).values() if r["status"] == "ok"} == {other_sha}
 
@@ -326,7 +334,7 @@ def test_options_are_validated(capsys, tmp_path):
     # through the command line: exit code 2 and one line naming the option, for flags and --set alike
     for argv, words in [(["--mask-preset", "box", "--batch-size", "0"], "batch_size must be >= 1"),
                         (["--mask-preset", "box", "--set", "max_pixels=-1"], "max_pixels must be positive"),
-                        (["--mask-preset", "box", "--max-bytes", "0"], "max_bytes must be positive"),
+                        (["--mask-preset", "box", "--max-bytes", "0"], "max_bytes: size must be positive"),
                         (["--mask-preset", "box", "--max-errors", "many"], "max_errors: expected an integer"),
                         ([], "exactly one of masks")]:
         assert main(["infer", "--images", "a", "--output", "b", "--model", "m", *argv]) == 2
