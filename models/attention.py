@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.layers import check_semantics, resize_nearest_tf
+
 DEFAULT_MAX_SCORE_BYTES = 256 * 2**20
 
 
@@ -51,16 +53,22 @@ class ContextualAttention(nn.Module):
         fuse: whether to apply the attention propagation.
         max_score_bytes: memory budget for one float32 (B, rows*W/rate, L_bg) score block; foreground rows
             are chunked to stay near it. Attribute; may be changed at any time.
+        semantics: how f, b and the mask are down-sampled by rate for matching. "torch" (default): pixel
+            (i*r, j*r), and a mask cell is a hole if any of its r x r pixels is. "tf" (the TF release, for its
+            converted weights): align_corners nearest resizes of all three (``models.layers.resize_nearest_tf``;
+            64 -> 32 takes rows 0, 2, ..., 30, 33, ..., 63). Everything after the down-sampling is the same
+            (the release's other differences, logits of invalid patches zeroed instead of -inf and the
+            paste-back divided by 4 instead of the overlap count, are not reproduced).
 
     Invalid background patches (any hole pixel under the 3x3 matching patch on the downsampled mask, where
-    a downsampled cell is a hole if any of its rate x rate pixels is) get exactly zero attention: their
-    logits are -inf. A sample without any valid background patch gets zero attention everywhere: its output
-    y is 0 and its offsets are 0 (finite, documented fallback).
+    a downsampled cell is a hole if any of its rate x rate pixels is; under "tf" if its one resized pixel is)
+    get exactly zero attention: their logits are -inf. A sample without any valid background patch gets zero
+    attention everywhere: its output y is 0 and its offsets are 0 (finite, documented fallback).
     """
 
     def __init__(self, ksize: int = 3, stride: int = 1, rate: int = 2, fuse_k: int = 3,
                  softmax_scale: float = 10.0, fuse: bool = True,
-                 max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES):
+                 max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES, semantics: str = "torch"):
         super().__init__()
         if ksize < 1 or ksize % 2 == 0:
             raise ValueError(f"ksize must be odd and positive, got {ksize}")
@@ -73,10 +81,12 @@ class ContextualAttention(nn.Module):
         self.ksize, self.stride, self.rate, self.fuse_k = ksize, stride, rate, fuse_k
         self.softmax_scale, self.fuse = float(softmax_scale), bool(fuse)
         self.max_score_bytes = int(max_score_bytes)
+        self.semantics = check_semantics(semantics)
 
     def extra_repr(self) -> str:
         return (f"ksize={self.ksize}, stride={self.stride}, rate={self.rate}, fuse_k={self.fuse_k}, "
-                f"softmax_scale={self.softmax_scale}, fuse={self.fuse}, max_score_bytes={self.max_score_bytes}")
+                f"softmax_scale={self.softmax_scale}, fuse={self.fuse}, max_score_bytes={self.max_score_bytes}, "
+                f"semantics={self.semantics!r}")
 
     def forward(self, f: torch.Tensor, b: torch.Tensor, mask: torch.Tensor,
                 rows: tuple[int, int] | None = None):
@@ -286,16 +296,16 @@ class _Call:
         self.score_dtype = torch.promote_types(f.dtype, torch.float32)
         p, Lb = self.p, self.Lb
 
-        # Matching grid: nearest downsampling (pixel (i*r, j*r)), zero 'same' padding for the k x k patches.
-        self.fp = F.pad(f[:, :, ::r, ::r], (p, p, p, p))  # (B, C, h+2p, w+2p)
-        bd = b[:, :, ::r, ::r]  # (B, C, hb, wb)
+        # Matching grid: nearest downsampling (_downsample), zero 'same' padding for the k x k patches.
+        fd, bd, md = _downsample(att.semantics, f, b, mask.to(self.score_dtype), r)
+        self.fp = F.pad(fd, (p, p, p, p))  # (B, C, h+2p, w+2p)
+        del fd
         self.bp_flat = F.pad(bd, (p, p, p, p)).flatten(2)  # (B, C, (hb+2p)*(wb+2p))
         # L2 norm of each background k x k patch (zero padding), clamped like the reference.
         sq = bd.to(self.score_dtype).square().sum(1, keepdim=True)  # (B, 1, hb, wb)
         norm2 = F.avg_pool2d(sq, k, stride=1, padding=p, count_include_pad=True) * (k * k)
         self.inv_norm = norm2.clamp_min(0).sqrt().clamp_min(1e-4).reciprocal().view(B, 1, Lb)  # (B, 1, Lb)
-        # Valid background patches: no hole anywhere under the patch (a cell is a hole if any pixel is).
-        md = F.max_pool2d(mask.to(self.score_dtype), r)  # (B, 1, hb, wb)
+        # Valid background patches: no hole anywhere under the patch.
         valid = (F.max_pool2d(md, k, stride=1, padding=p) < 0.5).view(B, Lb)  # (B, Lb)
         self.any_valid = valid.any(1)  # (B,)
         # (B, 1, Lb) logits set to -inf; a sample without any valid patch keeps all (zeroed by keep)
@@ -352,6 +362,18 @@ class _Call:
         last chunk's column-major wrap-around needs them)."""
         fk = self.fk
         self.runs[:] = [run for run in self.runs if run[0] <= fk or run[1] > r1 - 2 * fk - 2]
+
+
+def _downsample(semantics: str, f: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, r: int):
+    """f (B,C,H,W), b (B,C,Hb,Wb), mask (B,1,Hb,Wb) on the matching grid (each side / r): (fd, bd, md).
+    "torch": pixel (i*r, j*r) of f and b; a mask cell is a hole if any of its r x r pixels is.
+    "tf": the TF release's align_corners nearest resize of all three (a mask cell takes one pixel)."""
+    if semantics == "tf":
+        H, W = f.shape[-2:]
+        Hb, Wb = b.shape[-2:]
+        return (resize_nearest_tf(f, (H // r, W // r)), resize_nearest_tf(b, (Hb // r, Wb // r)),
+                resize_nearest_tf(mask, (Hb // r, Wb // r)))
+    return f[:, :, ::r, ::r], b[:, :, ::r, ::r], F.max_pool2d(mask, r)
 
 
 def _overlap_line(n: int, r: int, dtype, device) -> torch.Tensor:

@@ -1,7 +1,12 @@
 """Self-describing generator checkpoints: one torch.save'd dict of plain types and tensors.
 
-{"format": "deepfill-ray/generator/1", "model": {"cnum": int}, "generator": state_dict, "step": int,
- "config": plain dict, "extra": plain dict}. Loads with torch.load(weights_only=True) on any device.
+{"format": "deepfill-ray/generator/1", "model": {"cnum": int, "semantics": "torch" | "tf"},
+ "generator": state_dict, "step": int, "config": plain dict, "extra": plain dict}. Loads with
+torch.load(weights_only=True) on any device.
+
+model.semantics is the generator's arithmetic (``models.layers``): "torch" for models trained here, "tf" for
+weights converted from the authors' TensorFlow release (``models.weights_tf``). It is written only when not
+"torch", so "torch" files are as before the setting existed; a file without it loads as "torch".
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import io
 import torch
 
 from models.generator import InpaintGenerator
+from models.layers import check_semantics
 
 FORMAT = "deepfill-ray/generator/1"
 _PLAIN = (str, int, float, bool, type(None))
@@ -41,16 +47,20 @@ def _unwrap(generator: torch.nn.Module) -> InpaintGenerator:
     return g
 
 
-def generator_state(generator, *, step: int = 0, config: dict | None = None, extra: dict | None = None) -> dict:
-    """The checkpoint dict for `generator` (CPU tensors). config / extra must be plain dicts."""
+def generator_state(generator, *, step: int = 0, config: dict | None = None, extra: dict | None = None,
+                    semantics: str | None = None) -> dict:
+    """The checkpoint dict for `generator` (CPU tensors). config / extra must be plain dicts.
+    semantics: "torch" | "tf" to record (default: the generator's own ``semantics``); pass "tf" when saving a
+    generator built with the default that holds weights converted from TensorFlow."""
     g = _unwrap(generator)
+    semantics = check_semantics(g.semantics if semantics is None else semantics)
     config = {} if config is None else config
     extra = {} if extra is None else extra
     _check_plain(config, "config")
     _check_plain(extra, "extra")
     return {
         "format": FORMAT,
-        "model": {"cnum": g.cnum},
+        "model": {"cnum": g.cnum} if semantics == "torch" else {"cnum": g.cnum, "semantics": semantics},
         "generator": {k: v.detach().cpu().clone() for k, v in g.state_dict().items()},
         "step": int(step),
         "config": config,
@@ -59,26 +69,33 @@ def generator_state(generator, *, step: int = 0, config: dict | None = None, ext
 
 
 def generator_from_state(state: dict, map_location="cpu") -> tuple[InpaintGenerator, dict]:
-    """Rebuild (generator, meta) from a checkpoint dict; meta = {"step", "config", "extra", "model"}."""
+    """Rebuild (generator, meta) from a checkpoint dict; meta = {"step", "config", "extra", "model"}, with
+    meta["model"]["semantics"] always set ("torch" for files without the setting). The generator is built
+    with the saved semantics."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"not a {FORMAT} checkpoint (format={got!r})")
-    g = InpaintGenerator(cnum=int(state["model"]["cnum"]))
+    model = dict(state["model"])
+    model["semantics"] = check_semantics(model.get("semantics", "torch"))
+    g = InpaintGenerator(cnum=int(model["cnum"]), semantics=model["semantics"])
     g.load_state_dict(state["generator"])
     g.to(map_location)
     meta = {"step": int(state.get("step", 0)), "config": state.get("config", {}),
-            "extra": state.get("extra", {}), "model": dict(state["model"])}
+            "extra": state.get("extra", {}), "model": model}
     return g, meta
 
 
-def save_generator(f, generator, *, step: int = 0, config: dict | None = None, extra: dict | None = None) -> None:
-    """Write the checkpoint to f: a path or a writable binary file object."""
-    torch.save(generator_state(generator, step=step, config=config, extra=extra), f)
+def save_generator(f, generator, *, step: int = 0, config: dict | None = None, extra: dict | None = None,
+                   semantics: str | None = None) -> None:
+    """Write the checkpoint to f: a path or a writable binary file object. semantics: as generator_state
+    (default: the generator's own)."""
+    torch.save(generator_state(generator, step=step, config=config, extra=extra, semantics=semantics), f)
 
 
 def load_generator(f, map_location="cpu") -> tuple[InpaintGenerator, dict]:
     """Read a checkpoint from f (path or readable binary file object) with torch.load(weights_only=True).
-    Returns (generator on map_location, meta dict with step, config, extra, model)."""
+    Returns (generator on map_location, built with the saved semantics; meta dict with step, config, extra,
+    model = {"cnum", "semantics", ...})."""
     state = torch.load(f, map_location="cpu", weights_only=True)
     return generator_from_state(state, map_location=map_location)
 

@@ -7,16 +7,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.attention import ContextualAttention
-from models.layers import GenConv, GenDeconv
+from models.layers import GenConv, GenDeconv, check_semantics, resize_nearest_tf, set_semantics
 
 
 class InpaintGenerator(nn.Module):
     """Two-stage coarse-to-fine inpainting generator (layer list in the DeepFill v1 release).
 
     With cnum=32 it has exactly 3,601,542 parameters. `self.attention` is the ContextualAttention module.
+
+    semantics: "torch" (default: every model trained here) or "tf", the arithmetic of the authors' TensorFlow
+    release, for its converted weights (``models.weights_tf``): TF 'SAME' padding on the stride-2 convolutions,
+    and align_corners nearest resizes for the mask at 1/4 and the attention's down-sampling
+    (``models.layers``). The parameters are the same; the checkpoint records the setting
+    (``models.checkpoint``). ``models.layers.set_semantics(generator, s)`` switches a built generator.
     """
 
-    def __init__(self, cnum: int = 32):
+    def __init__(self, cnum: int = 32, semantics: str = "torch"):
         super().__init__()
         self.cnum = c = int(cnum)
         # Stage 1: coarse network (5 input channels: masked image, ones, mask).
@@ -49,6 +55,8 @@ class InpaintGenerator(nn.Module):
             GenDeconv(4 * c, 2 * c), GenConv(2 * c, 2 * c, 3),
             GenDeconv(2 * c, c), GenConv(c, c // 2, 3), GenConv(c // 2, 3, 3, activation="none"),
         )
+        self.semantics = check_semantics(semantics)
+        set_semantics(self, semantics)
 
     # How far (in rows of the H/4 feature map) the layers after the attention carry a value: refine_attn_out
     # and refine_dec's two 3x3 convolutions at H/4 (4 rows), then 3x3 convolutions after each x2 upsampling
@@ -85,6 +93,8 @@ class InpaintGenerator(nn.Module):
         # Hole mask at feature resolution: a cell is a hole if any of its 4x4 pixels is.
         mask_s = F.max_pool2d(mask, 4)  # (B, 1, H/4, W/4)
         rows = self._attention_rows(mask_s) if holes_only else None
+        if self.semantics == "tf":  # the release's resize_mask_like: align_corners nearest to 1/4
+            mask_s = resize_nearest_tf(mask, (H // 4, W // 4))  # (B, 1, H/4, W/4)
         x_att, offsets = self.attention(x_att, x_att, mask_s, rows=rows)
         x_att = self.refine_attn_out(x_att)
         refined = self.refine_dec(torch.cat([x_conv, x_att], 1)).clamp(-1, 1)  # (B, 3, H, W)
