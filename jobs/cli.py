@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jobs.train", "train DeepFill v1 on Ray Train (DDP), checkpointed and tracked in MLflow"),
     "infer": ("jobs.infer", "inpaint a folder or bucket of images with a pool of Ray Data model actors"),
     "evaluate": ("jobs.evaluate", "score a model against OpenCV Telea / Navier-Stokes on deterministic masks"),
+    "import": ("jobs.import_weights", "convert released DeepFill v1 weights (TF release, PyTorch port, MMagic) and register them"),
 }
 
 

@@ -297,6 +297,12 @@ def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
     if dataset is None:
         check_data(cfg)
     tracking_uri = resolve_tracking_uri(cfg.tracking.uri)  # refuses credentials (also from the environment) before Ray starts
+    if cfg.init.generator or cfg.init.critics:  # weights to start from: refused up front when they cannot load
+        from jobs.train_state import latest_checkpoint
+        from jobs.trainer import check_init
+
+        if latest_checkpoint(storage_uri(cfg), cfg.data.storage) is None:  # a resumed job ignores init.*
+            check_init(cfg, tracking_uri)
     connect_ray(cfg)
     if cfg.scaling.check_resources:
         cluster = cluster_resources()

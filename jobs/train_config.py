@@ -20,7 +20,7 @@ from jobs.options import check_name
 from models.gan import GanOptions
 from pipeline.config import DataConfig, MaskConfig
 
-__all__ = ["TrainConfig", "ModelOptions", "OptimOptions", "GanOptions", "ScalingOptions", "CheckpointOptions",
+__all__ = ["TrainConfig", "ModelOptions", "InitOptions", "OptimOptions", "GanOptions", "ScalingOptions", "CheckpointOptions",
            "TrackingOptions", "DebugOptions", "DataConfig", "MaskConfig"]
 
 
@@ -30,6 +30,9 @@ class ModelOptions:
 
     cnum: int = 32  # generator base width; 32 is DeepFill v1 (3,601,542 parameters)
     critic_cnum: int = 64  # base width of both WGAN critics; 64 is DeepFill v1
+    # how the generator pads and resizes: torch (PyTorch padding, nearest resizes) or tf (the TF release's
+    #    SAME padding and align-corners resizes); auto: init.generator's own setting, else torch
+    semantics: Literal["auto", "torch", "tf"] = "auto"
 
     def __post_init__(self):
         if self.cnum < 1:
@@ -148,6 +151,28 @@ class DebugOptions:
 
 
 @dataclass
+class InitOptions:
+    """Fine-tuning: a NEW job starts from these weights (at step 0, with fresh optimisers). A job that resumes
+    from its own checkpoint (same checkpoint.storage_path and name) ignores them: it continues its run."""
+
+    # the generator to start from: models:/name@alias, models:/name/N, runs:/<id>/model, a generator file or
+    #    a checkpoint folder (local or s3://), e.g. what `deepfill import` registered or wrote; "" = random init
+    generator: str = ""
+    # the critics to start from: a critics file (deepfill import --critics-output), a training checkpoint or
+    #    run folder, runs:/<id>/critics/critics.pt, or models:/... (the critics its import run logged); "" = random
+    critics: str = ""
+
+    def __post_init__(self):
+        for name in ("generator", "critics"):
+            value = getattr(self, name)
+            if value != value.strip():
+                raise ValueError(f"init.{name} must not start or end with whitespace, got {value!r}")
+        if self.critics and not self.generator:
+            raise ValueError("init.critics needs init.generator (trained critics against a random generator "
+                             "would only slow it down)")
+
+
+@dataclass
 class TrainConfig:
     """One training job. Every key path here is a ``--set`` override and an MLflow param name."""
 
@@ -158,6 +183,7 @@ class TrainConfig:
     log_every: int = 100  # report losses, images/s and data-wait share every this many steps
     val_every: int = 1000  # validate (hole L1, PSNR, picture grid) every this many steps; 0 = never
     model: ModelOptions = field(default_factory=ModelOptions)
+    init: InitOptions = field(default_factory=InitOptions)
     data: DataConfig = field(default_factory=DataConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimOptions = field(default_factory=OptimOptions)

@@ -32,6 +32,12 @@ DDP collectives, in the order every rank makes them (a rank that skips one hangs
 - on checkpoint steps: ``all_gather`` of the RNG states, then of the parameter fingerprints (hook 3);
 - on report steps: ``ray.train.report``, a barrier across the workers (hook 6).
 
+Fine-tuning (``init.generator`` / ``init.critics``): a job without a checkpoint of its own starts from those
+weights (``start_state``: every rank loads them, at step 0, with fresh optimisers), runs the generator with
+their semantics unless ``model.semantics`` says otherwise, and tags its MLflow run with the sources
+(``deepfill.init.generator.model_uri`` / ``.model_version`` / ``.sha256``, ...); the references themselves
+are params (``init.generator``). A job that resumes from its own checkpoint ignores ``init.*``.
+
 Rank-0-only hooks (4, 5) make no collective. A step is one generator step; one step consumes
 ``(gan.n_critic + 1) * batch_size`` images per worker.
 """
@@ -114,17 +120,187 @@ class Window:
 # ----------------------------------------------------------------------------------------- networks
 
 def build_networks(cfg: TrainConfig):
-    """(generator, local critic, global critic) on the CPU, initialised from ``cfg.seed``."""
+    """(generator, local critic, global critic) on the CPU, initialised from ``cfg.seed``; the generator runs
+    with ``model.semantics`` (``auto`` builds the default, torch: ``resolve_init`` makes it concrete)."""
+    import torch
+
+    import models
+    from models.weights import make_generator
+
+    torch.manual_seed(cfg.seed)
+    crop = cfg.data.crop_size
+    semantics = "torch" if cfg.model.semantics == "auto" else cfg.model.semantics
+    generator = make_generator(cfg.model.cnum, semantics)
+    local_critic = models.local_critic(cnum=cfg.model.critic_cnum, size=crop // 2)
+    global_critic = models.global_critic(cnum=cfg.model.critic_cnum, size=crop)
+    return generator, local_critic, global_critic
+
+
+# ----------------------------------------------------------------------------------------- initial weights
+
+@dataclass
+class InitWeights:
+    """What ``init.*`` names, fetched and checked against the config (``load_init``)."""
+
+    generator: dict  # state dict for models.InpaintGenerator(cnum=model.cnum)
+    semantics: str  # the generator file's own semantics ("torch" or "tf")
+    critics: dict | None = None  # {"local": sd | None, "global": sd | None}; a None side starts fresh
+    tags: dict = field(default_factory=dict)  # MLflow run tags linking the job to its sources
+
+
+def _with_tracking(tracking_uri: str | None, ref: str) -> None:
+    if tracking_uri and ref.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+
+
+def load_init(cfg: TrainConfig, tracking_uri: str | None = None) -> InitWeights | None:
+    """Fetch ``init.generator`` (``jobs.serving.fetch_checkpoint``: any model reference or file) and
+    ``init.critics`` (``jobs.import_weights.fetch_critics``) and check them against the networks ``cfg``
+    builds; None without ``init.generator``. Raises ValueError naming the option: another cnum (both numbers),
+    critics of another width or size (the tensor and both shapes), a file that is not ours.
+    """
+    import hashlib
+    import io
+
+    import torch
+
+    from jobs.serving import fetch_checkpoint
+    from models import checkpoint, weights
+    from pipeline.storage import redact
+
+    ref = cfg.init.generator
+    if not ref:
+        return None
+    _with_tracking(tracking_uri, ref)
+    try:
+        data, info = fetch_checkpoint(ref)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"init.generator: cannot fetch {redact(ref)}: {err}") from None
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != checkpoint.FORMAT:
+        raise ValueError(f"init.generator: {redact(ref)} is not a {checkpoint.FORMAT} generator file (convert "
+                         f"released weights with `deepfill import` first)")
+    model, extra = dict(state.get("model", {})), dict(state.get("extra") or {})
+    cnum = int(model.get("cnum", 0))
+    if cnum != cfg.model.cnum:
+        raise ValueError(f"init.generator has cnum {cnum}, but model.cnum is {cfg.model.cnum}: set "
+                         f"--set model.cnum={cnum} (the width of the weights)")
+    imported = extra.get("import") if isinstance(extra.get("import"), dict) else {}
+    semantics = model.get("semantics") or imported.get("semantics") or "torch"
+    weights.check_generator_state(state["generator"], cnum, "init.generator")
+    tags = {"deepfill.init.generator": redact(ref), "deepfill.init.generator.sha256": hashlib.sha256(data).hexdigest(),
+            "deepfill.init.generator.step": str(int(state.get("step", 0))),
+            "deepfill.init.generator.semantics": semantics}
+    for key in ("model_uri", "model_name", "model_version", "run_id", "checkpoint"):
+        if key in info:
+            tags[f"deepfill.init.generator.{key}"] = str(info[key])
+    for key in ("format", "source_name", "sha256"):
+        if imported.get(key):
+            tags[f"deepfill.init.generator.import.{key}"] = str(imported[key])
+    init = InitWeights(generator=state["generator"], semantics=semantics, tags=tags)
+    if cfg.init.critics:
+        from jobs.import_weights import fetch_critics
+
+        _with_tracking(tracking_uri, cfg.init.critics)
+        try:
+            critics, cinfo = fetch_critics(cfg.init.critics)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"init.critics: {str(err).removeprefix('init.critics: ')}") from None
+        init.critics = {"local": critics.get("local"), "global": critics.get("global")}
+        for side, net in zip(("local", "global"), _critics_on_meta(cfg)):
+            if init.critics[side] is not None:
+                weights.load_into_shapes({k: tuple(v.shape) for k, v in net.state_dict().items()},
+                                         init.critics[side], f"init.critics ({side} critic; model.critic_cnum="
+                                         f"{cfg.model.critic_cnum}, data.crop_size={cfg.data.crop_size})")
+        tags["deepfill.init.critics"] = redact(cfg.init.critics)
+        tags["deepfill.init.critics.sides"] = ",".join(k for k, v in init.critics.items() if v is not None) or "none"
+        for key in ("model_uri", "model_version", "run_id", "checkpoint"):
+            if key in cinfo:
+                tags[f"deepfill.init.critics.{key}"] = str(cinfo[key])
+    return init
+
+
+def _critics_on_meta(cfg: TrainConfig):
+    """(local, global) critics as ``cfg`` builds them, on the meta device (shapes only)."""
     import torch
 
     import models
 
-    torch.manual_seed(cfg.seed)
-    crop = cfg.data.crop_size
-    generator = models.InpaintGenerator(cnum=cfg.model.cnum)
-    local_critic = models.local_critic(cnum=cfg.model.critic_cnum, size=crop // 2)
-    global_critic = models.global_critic(cnum=cfg.model.critic_cnum, size=crop)
-    return generator, local_critic, global_critic
+    with torch.device("meta"):
+        crop = cfg.data.crop_size
+        return (models.local_critic(cnum=cfg.model.critic_cnum, size=crop // 2),
+                models.global_critic(cnum=cfg.model.critic_cnum, size=crop))
+
+
+def check_init(cfg: TrainConfig, tracking_uri: str | None = None) -> None:
+    """The driver's up-front check of ``init.*`` (``load_init``), as a ConfigError (exit 2), and of the
+    semantics the generator will run with."""
+    from jobs.options import ConfigError
+    from models.weights import make_generator
+
+    try:
+        init = load_init(cfg, tracking_uri)
+        if init is not None:
+            import torch
+
+            with torch.device("meta"):
+                make_generator(cfg.model.cnum, resolve_init(cfg, init).model.semantics)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def resolve_init(cfg: TrainConfig, init: InitWeights | None, saved_config: dict | None = None) -> TrainConfig:
+    """``cfg`` with a concrete ``model.semantics``: an explicit setting wins; ``auto`` takes a resumed
+    checkpoint's (``saved_config``), else ``init.generator``'s, else torch. The trainer's saved config (and
+    so every checkpoint and the final generator) holds the result."""
+    import dataclasses
+
+    semantics = cfg.model.semantics
+    if semantics == "auto":
+        saved = ((saved_config or {}).get("model") or {}).get("semantics")
+        semantics = saved if saved in ("torch", "tf") else (init.semantics if init is not None else "torch")
+    if init is not None and cfg.model.semantics not in ("auto", init.semantics):
+        log.warning("init.generator was trained with %s semantics; model.semantics=%s runs it with %s",
+                    init.semantics, cfg.model.semantics, cfg.model.semantics)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, semantics=semantics))
+
+
+def apply_init(networks, init: InitWeights) -> None:
+    """Load ``init`` into (generator, local critic, global critic), unwrapped; a side without critics keeps
+    its seeded random init."""
+    from models.gan import unwrap
+    from models.weights import load_into
+
+    generator, local, global_ = (unwrap(n) for n in networks)
+    load_into(generator, init.generator, "init.generator")
+    for side, net in (("local", local), ("global", global_)):
+        if init.critics and init.critics.get(side) is not None:
+            load_into(net, init.critics[side], f"init.critics ({side} critic)")
+
+
+def start_state(cfg: TrainConfig, state: dict | None, tracking_uri: str | None = None):
+    """Everything a worker starts from, without Ray: (cfg with concrete semantics, networks, start step,
+    MLflow run id, InitWeights or None). ``state``: the job's own checkpoint (``train_state``) when it
+    resumes: then ``init.*`` is ignored (logged) and the networks hold the checkpoint's weights."""
+    init = None
+    if state is None:
+        init = load_init(cfg, tracking_uri)
+    elif cfg.init.generator:
+        log.info("resuming from the job's own checkpoint at step %d: init.generator is ignored", int(state["step"]))
+    cfg = resolve_init(cfg, init, state.get("config") if state is not None else None)
+    networks = build_networks(cfg)
+    start_step, run_id = 0, None
+    if state is not None:
+        for net, key in zip(networks, ("generator", "local_critic", "global_critic")):
+            net.load_state_dict(state[key])
+        start_step, run_id = int(state["step"]), state["mlflow_run_id"] or None
+    elif init is not None:
+        apply_init(networks, init)
+        log.info("starting from init.generator=%s%s", init.tags["deepfill.init.generator"],
+                 f", init.critics={init.tags['deepfill.init.critics']}" if init.critics else "")
+    return cfg, networks, start_step, run_id, init
 
 
 def build_optimizers(cfg: TrainConfig, generator, local_critic, global_critic):
@@ -218,11 +394,13 @@ class Trainer:
     State the hooks read and write: ``step`` (the generator step just done), ``start_step``, ``metrics``
     (this step's report, empty on steps that report nothing), ``checkpoint_dir`` (a folder rank 0 wrote for
     this step's report, or None), ``pictures`` (name -> uint8 picture for this step), ``mlflow_run_id``,
-    ``window`` (metric sums since the last report), ``error`` (set when training failed).
+    ``window`` (metric sums since the last report), ``error`` (set when training failed), ``init_tags``
+    (the MLflow tags naming the ``init.*`` weights a new job started from, ``InitWeights.tags``).
     """
 
     def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, device, networks, optimizers, batches,
-                 start_step: int = 0, mlflow_run_id: str | None = None, hooks: list[Hook] = ()):
+                 start_step: int = 0, mlflow_run_id: str | None = None, hooks: list[Hook] = (),
+                 init_tags: dict | None = None):
         import torch
 
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -232,6 +410,7 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.optim.bf16) else None
         self.start_step = self.step = start_step
         self.mlflow_run_id = mlflow_run_id
+        self.init_tags = dict(init_tags or {})  # MLflow tags naming the init.* sources (a new job only)
         self.hooks = list(hooks)
         self.window = Window()
         self.metrics: dict = {}
@@ -412,7 +591,7 @@ class MLflowLogging(Hook):
             self.tracking_uri, cfg.tracking.experiment, cfg.name, flatten(to_dict(cfg)),
             run_id=trainer.mlflow_run_id,
             tags={"ray.worker_node_ids": ",".join(self.node_ids), "ray.num_workers": str(trainer.world_size),
-                  "ray.device": trainer.device.type, "storage": self.storage_uri},
+                  "ray.device": trainer.device.type, "storage": self.storage_uri, **trainer.init_tags},
         )
         trainer.mlflow_run_id = self.tracker.run_id
 
@@ -499,15 +678,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    networks = build_networks(cfg)
-    state, start_step, run_id = None, 0, None
+    state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = train_state.read_checkpoint_state(checkpoint)
-        for net, key in zip(networks, ("generator", "local_critic", "global_critic")):
-            net.load_state_dict(state[key])
-        start_step, run_id = int(state["step"]), state["mlflow_run_id"] or None
-        log.info("rank %d resumes from step %d", rank, start_step)
+        log.info("rank %d resumes from step %d", rank, int(state["step"]))
+    # a new job starts from init.* when given (every rank loads the same weights); a resumed one from state
+    cfg, networks, start_step, run_id, init = start_state(cfg, state, loop_config["tracking_uri"])
     networks = tuple(ray.train.torch.prepare_model(net) for net in networks)
     opt_g, opt_d = build_optimizers(cfg, *networks)
     if state is not None:
@@ -530,4 +707,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
     hooks = default_hooks(storage_uri=loop_config["storage_uri"], tracking_uri=loop_config["tracking_uri"],
                           node_ids=node_ids)
     Trainer(cfg, rank=rank, world_size=world, device=device, networks=networks, optimizers=(opt_g, opt_d),
-            batches=batches, start_step=start_step, mlflow_run_id=run_id, hooks=hooks).train()
+            batches=batches, start_step=start_step, mlflow_run_id=run_id, hooks=hooks,
+            init_tags=init.tags if init is not None else None).train()

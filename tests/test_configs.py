@@ -160,3 +160,29 @@ def test_every_option_of_every_subcommand_has_help(command):
     module = importlib.import_module(cli.COMMANDS[command][0])
     undocumented = [path for path, _, _, text in describe(module.Options) if not text]
     assert not undocumented, f"deepfill {command}: options without a help comment: {undocumented}"
+
+
+def test_init_options_fine_tune_from_weights():
+    cfg = load_config(TrainConfig, None, ["init.generator=models:/deepfill-places2@imported",
+                                          "init.critics=s3://bucket/places2.critics.pt", "model.semantics=tf"])
+    assert cfg.init.generator == "models:/deepfill-places2@imported" and cfg.model.semantics == "tf"
+    flat = flatten(cfg)  # the sources are params of the run, under their key paths
+    assert flat["init.generator"] == "models:/deepfill-places2@imported" and flat["init.critics"].startswith("s3://")
+    assert load_config(TrainConfig).init.generator == "" and load_config(TrainConfig).model.semantics == "auto"
+
+
+@pytest.mark.parametrize("override, option", [
+    ("init.critics=critics.pt", "init.critics needs init.generator"),
+    ("init.generator=' models:/x@y'", "init.generator must not start or end with whitespace"),
+    ("model.semantics=keras", "model.semantics: 'keras' is not one of"),
+])
+def test_init_validation_names_the_option(override, option):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, [override])
+    assert option in str(err.value)
+
+
+def test_the_finetune_example_starts_from_an_imported_model():
+    cfg = load_config(TrainConfig, Path(__file__).resolve().parents[1] / "configs" / "finetune_places2.yaml")
+    assert cfg.init.generator == "models:/deepfill-places2@imported" and cfg.init.critics == ""
+    assert cfg.model.cnum == 32 and cfg.data.crop_size == 256 and cfg.steps < 150_000

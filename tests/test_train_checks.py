@@ -180,3 +180,24 @@ def test_the_stall_message_names_the_option_the_shards_and_what_to_check():
     text = stall_message(data, 600)
     assert text.startswith("no training batch for 600 s (data.stall_timeout_s) from s3://bucket/shards/train")
     assert "data.decode_workers=2: 2 CPU(s)" in text and "data.storage" in text and "0 = wait forever" in text
+
+
+# ----------------------------------------------------------------------------------------- init.*
+
+def test_init_weights_that_cannot_load_are_refused_before_anything_starts(tmp_path, capsys):
+    """A missing file and a generator of another width: exit 2 with one line, nothing written."""
+    import models
+    import models.checkpoint
+
+    shards = _fake_shards(tmp_path, train=100)
+    base = ["train", "--config", TINY, "--set", f"data.shards={shards}",
+            "--set", f"checkpoint.storage_path={tmp_path / 'runs'}"]
+    assert cli.main([*base, "--set", f"init.generator={tmp_path / 'nowhere.pt'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("deepfill train: ") and "nowhere.pt" in err, err
+    wide = tmp_path / "wide.pt"
+    models.checkpoint.save_generator(str(wide), models.InpaintGenerator(cnum=4), step=1)
+    assert cli.main([*base, "--set", f"init.generator={wide}"]) == 2  # tiny.yaml has model.cnum 8
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cnum 4" in err and "model.cnum is 8" in err, err
+    assert not (tmp_path / "runs").exists()

@@ -175,7 +175,7 @@ def test_mlflow_params_tags_and_the_logged_generator_are_redacted(mlflow_uri, mo
     monkeypatch.setattr(Tracker, "log_model", capture)
     hook = MLflowLogging(mlflow_uri, f"s3://{KEY_ID}:{SECRET}@bucket/run", ["node-1"])
     trainer = SimpleNamespace(rank=0, cfg=cfg, mlflow_run_id=None, world_size=1, device=torch.device("cpu"),
-                              error=None, step=1, start_step=0, generator=build_networks(cfg)[0])
+                              error=None, step=1, start_step=0, generator=build_networks(cfg)[0], init_tags={})
     hook.before_train(trainer)
     hook.after_train(trainer)
     resumed = Tracker.start(mlflow_uri, cfg.tracking.experiment, cfg.name, flatten(cfg),
