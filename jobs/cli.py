@@ -1,4 +1,4 @@
-"""The ``deepfill`` command line: ``deepfill {prepare,train,infer,evaluate} ...``.
+"""The ``deepfill`` command line: ``deepfill {prepare,train,infer,evaluate,import,serve} ...``.
 
 Each subcommand lives in its own module under ``jobs/`` and exposes:
 
@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("jobs.infer", "inpaint a folder or bucket of images with a pool of Ray Data model actors"),
     "evaluate": ("jobs.evaluate", "score a model against OpenCV Telea / Navier-Stokes on deterministic masks"),
     "import": ("jobs.import_weights", "convert released DeepFill v1 weights (TF release, PyTorch port, MMagic) and register them"),
+    "serve": ("jobs.serve", "serve a registered model over HTTP on Ray Serve (batched), with a page to paint holes"),
 }
 
 
@@ -49,7 +50,7 @@ def _version() -> str:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepfill",
-        description="DeepFill v1 inpainting on Ray: prepare shards, train, run batch inference, evaluate.",
+        description="DeepFill v1 inpainting on Ray: prepare shards, train, run batch inference, evaluate, import released weights, serve.",
     )
     parser.add_argument("--version", action="version", version=f"deepfill-ray {_version()}")
     parser.add_argument("--log-level", default=os.environ.get("DEEPFILL_LOG_LEVEL", "INFO"), help="logging level")

@@ -119,3 +119,67 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def serve_app(s3_server, tmp_path_factory):
+    """A real ``deepfill serve`` app (``jobs.serve``) on local Ray, started once per session on a free
+    127.0.0.1 port with a tiny generator (``torch.manual_seed(0); models.InpaintGenerator(cnum=8)``, step 3);
+    yields the base URL, e.g. ``http://127.0.0.1:PORT`` (the API at ``/inpaint``, the page at ``/``). Limits:
+    2MB per request, 1024x1024 pixels; batches of up to 8 requests gathered for 0.05 s.
+
+    Joins the ``ray_local`` cluster when it is up, or starts it the same way (4 logical CPUs); the replica
+    reserves 0.25 CPU so later tests on the same cluster keep their CPUs. Serve is shut down at the end of
+    the session (a test that replaced the cluster in between has already taken Serve with it)."""
+    import socket
+    import time
+    import urllib.request
+
+    import ray
+    import torch
+    from ray import serve
+
+    import models
+    import models.checkpoint
+    from jobs.serve import ServeOptions, build_app
+
+    path = tmp_path_factory.mktemp("serve_app") / "generator.pt"
+    torch.manual_seed(0)
+    models.checkpoint.save_generator(str(path), models.InpaintGenerator(cnum=8), step=3,
+                                     extra={"source": "tests/conftest.py serve_app"})
+    for attempt in range(3):
+        if ray.is_initialized():
+            break
+        try:
+            ray.init(address="local", num_cpus=4, object_store_memory=400 * 1024**2, include_dashboard=False,
+                     log_to_driver=True)
+        except Exception:  # Ray's fixed node start-up deadline can pass on a loaded machine: try again
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    opts = ServeOptions(model=str(path), port=port, num_cpus_per_replica=0.25, max_batch_size=8,
+                        batch_wait_timeout_s=0.05, max_bytes="2MB", max_pixels=1024 * 1024, poll_s=0)
+    serve.run(build_app(opts), name="deepfill-test", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        if ray.is_initialized():
+            try:
+                serve.shutdown()
+            except Exception:  # noqa: BLE001 - the cluster may be gone with a test that replaced it
+                pass

@@ -327,6 +327,8 @@ def pod_specs(doc: dict) -> list[tuple[str, dict]]:
     if doc["kind"] == "RayJob":
         found.append(("submitter", spec["submitterPodTemplate"]["spec"]))
         spec = spec["rayClusterSpec"]
+    if doc["kind"] == "RayService":
+        spec = spec["rayClusterConfig"]
     found.append(("head", spec["headGroupSpec"]["template"]["spec"]))
     found += [(g["groupName"], g["template"]["spec"]) for g in spec["workerGroupSpecs"]]
     return found
@@ -338,7 +340,7 @@ def check_locked_down(doc: dict, where: str) -> None:
     contexts = [(f"{where}:{p}/{c['name']}", c.get("securityContext", {}))
                 for p, spec in pod_specs(doc) for c in spec.get("containers", []) + spec.get("initContainers", [])]
     if doc["kind"] != "Deployment":
-        cluster = doc["spec"].get("rayClusterSpec", doc["spec"])
+        cluster = doc["spec"].get("rayClusterSpec", doc["spec"].get("rayClusterConfig", doc["spec"]))
         if cluster.get("enableInTreeAutoscaling"):
             contexts.append((f"{where}:autoscaler", cluster.get("autoscalerOptions", {}).get("securityContext", {})))
     assert contexts, where
@@ -368,6 +370,26 @@ def test_kuberay_raycluster_manifest():
     assert doc["spec"]["enableInTreeAutoscaling"] is True
     check_locked_down(doc, "raycluster.yaml")
     check_mlflow_credentials(doc, "raycluster.yaml")
+
+
+def test_kuberay_rayservice_manifest():
+    """The RayService: the same cluster conventions, and a serve config Serve's own schema accepts whose
+    application args are valid `deepfill serve` options."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from jobs.options import from_dict
+    from jobs.serve import ServeOptions
+
+    (doc,) = load_manifests(KUBERAY / "rayservice.yaml")
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    check_ray_cluster_spec(doc["spec"]["rayClusterConfig"], "rayservice.yaml")
+    check_locked_down(doc, "rayservice.yaml")
+    check_mlflow_credentials(doc, "rayservice.yaml")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    assert app.import_path == "jobs.serve:app_builder"
+    opts = from_dict(ServeOptions, dict(app.args))
+    assert opts.model.startswith("models:/") and opts.use_gpu
 
 
 @pytest.mark.parametrize("name, command", [("rayjob-train.yaml", "train"), ("rayjob-infer.yaml", "infer")])
