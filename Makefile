@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install test demo bench clean
+.PHONY: install chromium test demo bench clean
 
 install: $(STAMP)
 
@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# The page tests (tests/test_serve_page.py) drive Debian's Chromium and chromedriver: installed when missing.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null; then sudo=sudo; \
+	  else echo "make: chromium and chromium-driver are missing and installing them needs root" >&2; exit 0; fi; \
+	  if ! command -v apt-get >/dev/null; then echo "make: no apt-get: install Chromium and chromedriver yourself" >&2; exit 0; fi; \
+	  $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+
+test: install chromium
 	$(BIN)/pytest -q
 
 demo: install
