@@ -421,26 +421,25 @@ def read_inputs(batch: dict[str, np.ndarray], *, images: str, masks: str | None,
     detail (``missing_input``, ``missing_mask``, ``read_failed``, ``too_large``/``mask_too_large``)."""
     from pipeline import storage
 
+    def fetch(root: str, key: str, what: str) -> tuple[bytes, str, str]:
+        """(bytes, reason, detail) of one object: the reasons carry ``what``'s prefix (image: none, mask: mask_)."""
+        prefix = "" if what == "image" else "mask_"
+        try:
+            data = storage.read_bytes(storage.join(root, key), storage_options)
+        except FileNotFoundError as err:
+            return b"", "missing_input" if what == "image" else "missing_mask", _detail(err)
+        except Exception as err:  # noqa: BLE001 - recorded per row, never fails the block
+            return b"", "read_failed", _detail(err if what == "image" else f"mask: {type(err).__name__}: {err}")
+        if len(data) > max_bytes:
+            return b"", f"{prefix}too_large", f"{len(data)} bytes > --max-bytes {max_bytes}"
+        return data, "", ""
+
     image_bytes, mask_bytes, reasons, details = [], [], [], []
     for key, mask_key in zip(batch["key"], batch["mask_key"]):
-        data, mask, reason, detail = b"", b"", "", ""
-        try:
-            data = storage.read_bytes(storage.join(images, str(key)), storage_options)
-            if len(data) > max_bytes:
-                reason, detail, data = "too_large", f"{len(data)} bytes > --max-bytes {max_bytes}", b""
-        except FileNotFoundError as err:
-            reason, detail = "missing_input", _detail(err)
-        except Exception as err:  # noqa: BLE001 - recorded per row, never fails the block
-            reason, detail = "read_failed", _detail(err)
+        mask = b""
+        data, reason, detail = fetch(images, str(key), "image")
         if not reason and masks is not None:
-            try:
-                mask = storage.read_bytes(storage.join(masks, str(mask_key)), storage_options)
-                if len(mask) > max_bytes:
-                    reason, detail, mask = "mask_too_large", f"{len(mask)} bytes > --max-bytes {max_bytes}", b""
-            except FileNotFoundError as err:
-                reason, detail = "missing_mask", _detail(err)
-            except Exception as err:  # noqa: BLE001
-                reason, detail = "read_failed", _detail(f"mask: {type(err).__name__}: {err}")
+            mask, reason, detail = fetch(masks, str(mask_key), "mask")
         image_bytes.append(data if not reason else b"")
         mask_bytes.append(mask if not reason else b"")
         reasons.append(reason)

