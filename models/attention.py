@@ -64,6 +64,11 @@ class ContextualAttention(nn.Module):
     a downsampled cell is a hole if any of its rate x rate pixels is; under "tf" if its one resized pixel is)
     get exactly zero attention: their logits are -inf. A sample without any valid background patch gets zero
     attention everywhere: its output y is 0 and its offsets are 0 (finite, documented fallback).
+
+    Under bf16 / fp16 autocast (or with bf16 features) the matching (the Gram matrix and the scores), the
+    propagation and the masked softmax run in float32, so the attention is that of float32 features of the
+    same values (a bf16 Gram matrix moved whole rows of it by up to 0.05 in total variation); only the
+    paste-back product runs in the autocast dtype. Float32 without autocast is unchanged.
     """
 
     def __init__(self, ksize: int = 3, stride: int = 1, rate: int = 2, fuse_k: int = 3,
@@ -93,8 +98,9 @@ class ContextualAttention(nn.Module):
         """f: foreground features (B,C,H,W); b: background features (B,C,Hb,Wb); mask: (B,1,Hb,Wb), 1 = hole
         in b. H, W, Hb, Wb must be multiples of rate.
 
-        Returns y (B,C,H,W) (f's shape, b's dtype) and offsets (B,2,H//rate,W//rate) int64: the (dy, dx) from
-        each foreground position to its best-matching background position on the downsampled grid.
+        Returns y (B,C,H,W) (f's shape, b's dtype; the autocast dtype under autocast) and offsets
+        (B,2,H//rate,W//rate) int64: the (dy, dx) from each foreground position to its best-matching background
+        position on the downsampled grid.
 
         rows: (first, end) foreground rows of the downsampled grid to attend from (default: all). The other
         rows are skipped: their offsets are 0 and y holds only the pasted patches of the attended rows (0
@@ -172,8 +178,9 @@ class ContextualAttention(nn.Module):
         score[(i,j),(p,q)] = sum_uv G[(i+u,j+v),(p+u,q+v)] / |patch(p,q)| with G the Gram matrix of single
         feature vectors between the zero-padded f and b: the sum of G's k*k shifted diagonals."""
         B, n, w, hb, wb, p = st.B, c - a, st.w, st.hb, st.wb, st.p
-        G = torch.bmm(st.fp[:, :, a:c + 2 * p].flatten(2).transpose(1, 2), st.bp_flat)  # (B, (n+2p)(w+2p), Lb')
-        G = G.to(st.score_dtype).view(B, n + 2 * p, w + 2 * p, hb + 2 * p, wb + 2 * p)
+        with torch.autocast(st.device.type, enabled=False):  # matching in score_dtype, also under autocast
+            G = torch.bmm(st.fp[:, :, a:c + 2 * p].flatten(2).transpose(1, 2), st.bp_flat)  # (B, (n+2p)(w+2p), Lb')
+        G = G.view(B, n + 2 * p, w + 2 * p, hb + 2 * p, wb + 2 * p)
         pairs = [(..., (slice(None), slice(u, u + n), slice(v, v + w), slice(u, u + hb), slice(v, v + wb)))
                  for u in range(st.k) for v in range(st.k)]
         S = _ShiftAdd.apply(G, (B, n, w, hb, wb), pairs)  # sum of the k*k shifted diagonals
@@ -298,6 +305,7 @@ class _Call:
 
         # Matching grid: nearest downsampling (_downsample), zero 'same' padding for the k x k patches.
         fd, bd, md = _downsample(att.semantics, f, b, mask.to(self.score_dtype), r)
+        fd, bd = fd.to(self.score_dtype), bd.to(self.score_dtype)  # bf16 / fp16 features: match in float32
         self.fp = F.pad(fd, (p, p, p, p))  # (B, C, h+2p, w+2p)
         del fd
         self.bp_flat = F.pad(bd, (p, p, p, p)).flatten(2)  # (B, C, (hb+2p)*(wb+2p))
