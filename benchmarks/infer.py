@@ -122,7 +122,8 @@ seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"size": size, "seconds": seconds, "peak_rss_mib": peak / 1024,
                   "model_loaded_rss_mib": base / 1024, "increase_mib": (peak - base) / 1024,
-                  "score_budget_bytes": int(generator.attention.max_score_bytes)}))
+                  "score_budget_bytes": int(generator.attention.max_score_bytes)
+                  if generator.attention is not None else None}))
 """
 
 

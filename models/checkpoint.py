@@ -1,12 +1,17 @@
 """Self-describing generator checkpoints: one torch.save'd dict of plain types and tensors.
 
-{"format": "deepfill-ray/generator/1", "model": {"cnum": int, "semantics": "torch" | "tf"},
+{"format": "deepfill-ray/generator/1",
+ "model": {"cnum": int, "semantics": "torch" | "tf", "attention": "contextual" | "none"},
  "generator": state_dict, "step": int, "config": plain dict, "extra": plain dict}. Loads with
 torch.load(weights_only=True) on any device.
 
 model.semantics is the generator's arithmetic (``models.layers``): "torch" for models trained here, "tf" for
 weights converted from the authors' TensorFlow release (``models.weights_tf``). It is written only when not
 "torch", so "torch" files are as before the setting existed; a file without it loads as "torch".
+
+model.attention is the generator's stage-2 layout (``InpaintGenerator``): "contextual" (DeepFill v1) or
+"none" (the paper's baseline without the contextual-attention branch). Like semantics it is written only when
+not the default, so DeepFill v1 files are unchanged; a file without it loads as "contextual".
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import io
 
 import torch
 
-from models.generator import InpaintGenerator
+from models.generator import InpaintGenerator, check_attention
 from models.layers import check_semantics
 
 FORMAT = "deepfill-ray/generator/1"
@@ -54,13 +59,18 @@ def generator_state(generator, *, step: int = 0, config: dict | None = None, ext
     generator built with the default that holds weights converted from TensorFlow."""
     g = _unwrap(generator)
     semantics = check_semantics(g.semantics if semantics is None else semantics)
+    model = {"cnum": g.cnum}
+    if semantics != "torch":
+        model["semantics"] = semantics
+    if g.attention_kind != "contextual":
+        model["attention"] = g.attention_kind
     config = {} if config is None else config
     extra = {} if extra is None else extra
     _check_plain(config, "config")
     _check_plain(extra, "extra")
     return {
         "format": FORMAT,
-        "model": {"cnum": g.cnum} if semantics == "torch" else {"cnum": g.cnum, "semantics": semantics},
+        "model": model,
         "generator": {k: v.detach().cpu().clone() for k, v in g.state_dict().items()},
         "step": int(step),
         "config": config,
@@ -70,14 +80,15 @@ def generator_state(generator, *, step: int = 0, config: dict | None = None, ext
 
 def generator_from_state(state: dict, map_location="cpu") -> tuple[InpaintGenerator, dict]:
     """Rebuild (generator, meta) from a checkpoint dict; meta = {"step", "config", "extra", "model"}, with
-    meta["model"]["semantics"] always set ("torch" for files without the setting). The generator is built
-    with the saved semantics."""
+    meta["model"]["semantics"] and meta["model"]["attention"] always set ("torch" and "contextual" for files
+    without the settings). The generator is built with the saved semantics and attention."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         got = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"not a {FORMAT} checkpoint (format={got!r})")
     model = dict(state["model"])
     model["semantics"] = check_semantics(model.get("semantics", "torch"))
-    g = InpaintGenerator(cnum=int(model["cnum"]), semantics=model["semantics"])
+    model["attention"] = check_attention(model.get("attention", "contextual"))
+    g = InpaintGenerator(cnum=int(model["cnum"]), semantics=model["semantics"], attention=model["attention"])
     g.load_state_dict(state["generator"])
     g.to(map_location)
     meta = {"step": int(state.get("step", 0)), "config": state.get("config", {}),
@@ -94,8 +105,8 @@ def save_generator(f, generator, *, step: int = 0, config: dict | None = None, e
 
 def load_generator(f, map_location="cpu") -> tuple[InpaintGenerator, dict]:
     """Read a checkpoint from f (path or readable binary file object) with torch.load(weights_only=True).
-    Returns (generator on map_location, built with the saved semantics; meta dict with step, config, extra,
-    model = {"cnum", "semantics", ...})."""
+    Returns (generator on map_location, built with the saved semantics and attention; meta dict with step,
+    config, extra, model = {"cnum", "semantics", "attention", ...})."""
     state = torch.load(f, map_location="cpu", weights_only=True)
     return generator_from_state(state, map_location=map_location)
 

@@ -9,11 +9,36 @@ import torch.nn.functional as F
 from models.attention import ContextualAttention
 from models.layers import GenConv, GenDeconv, check_semantics, resize_nearest_tf, set_semantics
 
+ATTENTIONS = ("contextual", "none")
+
+
+def check_attention(attention: str) -> str:
+    """attention if it is one of ATTENTIONS, else ValueError."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}: expected one of {', '.join(ATTENTIONS)}")
+    return attention
+
 
 class InpaintGenerator(nn.Module):
     """Two-stage coarse-to-fine inpainting generator (layer list in the DeepFill v1 release).
 
-    With cnum=32 it has exactly 3,601,542 parameters. `self.attention` is the ContextualAttention module.
+    With cnum=32 it has exactly 3,601,542 parameters. `self.attention` is the ContextualAttention module
+    (None in the baseline, below).
+
+    attention: "contextual" (default: DeepFill v1) or "none", the paper's baseline (its section 3, the
+    arm of its ablation study): the same coarse-to-fine network without the contextual-attention branch.
+    Its refinement network is the dilated-convolution branch alone, so the decoder's first convolution takes
+    4c channels instead of the concatenated 8c. Layers of the baseline (c = cnum):
+      stage 1 (``coarse``): as the full model;
+      ``refine_conv``: 5x5 ->c | 3x3 s2 ->c | 3x3 ->2c | 3x3 s2 ->2c | 3x3 ->4c | 3x3 ->4c | d2, d4, d8, d16 ->4c;
+      ``refine_dec``: 3x3 ->4c (from 4c) | 3x3 ->4c | up + 3x3 ->2c | 3x3 ->2c | up + 3x3 ->c | 3x3 ->c/2 |
+      3x3 ->3 | clamp.
+    With cnum=32 the baseline has 2,758,118 parameters (the full model less the attention branch's 695,968 and
+    the 147,456 weights of the decoder's first convolution that read it). ``self.attention``,
+    ``refine_attn_in`` and ``refine_attn_out`` are None (``models.inpaint`` then has no attention memory
+    budget to set), and forward returns offsets of zeros (B,2,H/8,W/8) int64, so every caller of the offsets
+    keeps working and the attention pictures (``flow_to_image``) are white. ``self.attention_kind`` holds the
+    setting; the checkpoint records it (``models.checkpoint``).
 
     semantics: "torch" (default: every model trained here) or "tf", the arithmetic of the authors' TensorFlow
     release, for its converted weights (``models.weights_tf``): TF 'SAME' padding on the stride-2 convolutions,
@@ -22,9 +47,10 @@ class InpaintGenerator(nn.Module):
     (``models.checkpoint``). ``models.layers.set_semantics(generator, s)`` switches a built generator.
     """
 
-    def __init__(self, cnum: int = 32, semantics: str = "torch"):
+    def __init__(self, cnum: int = 32, semantics: str = "torch", attention: str = "contextual"):
         super().__init__()
         self.cnum = c = int(cnum)
+        self.attention_kind = check_attention(attention)
         # Stage 1: coarse network (5 input channels: masked image, ones, mask).
         self.coarse = nn.Sequential(
             GenConv(5, c, 5), GenConv(c, 2 * c, 3, 2), GenConv(2 * c, 2 * c, 3),
@@ -42,16 +68,22 @@ class InpaintGenerator(nn.Module):
             GenConv(4 * c, 4 * c, 3, dilation=2), GenConv(4 * c, 4 * c, 3, dilation=4),
             GenConv(4 * c, 4 * c, 3, dilation=8), GenConv(4 * c, 4 * c, 3, dilation=16),
         )
-        # Stage 2, attention branch (ReLU before the attention, as in the TF release).
-        self.refine_attn_in = nn.Sequential(
-            GenConv(5, c, 5), GenConv(c, c, 3, 2), GenConv(c, 2 * c, 3),
-            GenConv(2 * c, 4 * c, 3, 2), GenConv(4 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3, activation="relu"),
-        )
-        self.attention = ContextualAttention(ksize=3, stride=1, rate=2, fuse_k=3, softmax_scale=10.0, fuse=True)
-        self.refine_attn_out = nn.Sequential(GenConv(4 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3))
-        # Stage 2 decoder on the concatenated branches.
+        if self.attention_kind == "contextual":
+            # Stage 2, attention branch (ReLU before the attention, as in the TF release).
+            self.refine_attn_in = nn.Sequential(
+                GenConv(5, c, 5), GenConv(c, c, 3, 2), GenConv(c, 2 * c, 3),
+                GenConv(2 * c, 4 * c, 3, 2), GenConv(4 * c, 4 * c, 3),
+                GenConv(4 * c, 4 * c, 3, activation="relu"),
+            )
+            self.attention = ContextualAttention(ksize=3, stride=1, rate=2, fuse_k=3, softmax_scale=10.0,
+                                                 fuse=True)
+            self.refine_attn_out = nn.Sequential(GenConv(4 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3))
+        else:  # the baseline: no attention branch
+            self.refine_attn_in = self.attention = self.refine_attn_out = None
+        # Stage 2 decoder on the concatenated branches (the dilated branch alone in the baseline).
+        dec_in = 8 * c if self.attention is not None else 4 * c
         self.refine_dec = nn.Sequential(
-            GenConv(8 * c, 4 * c, 3), GenConv(4 * c, 4 * c, 3),
+            GenConv(dec_in, 4 * c, 3), GenConv(4 * c, 4 * c, 3),
             GenDeconv(4 * c, 2 * c), GenConv(2 * c, 2 * c, 3),
             GenDeconv(2 * c, c), GenConv(c, c // 2, 3), GenConv(c // 2, 3, 3, activation="none"),
         )
@@ -67,12 +99,14 @@ class InpaintGenerator(nn.Module):
         """image (B,3,H,W) in [-1,1]; mask (B,1,H,W) float {0,1}, 1 = hole; H, W multiples of 8.
 
         Returns coarse (B,3,H,W) and refined (B,3,H,W), both in [-1,1] (hole and known pixels: the caller
-        composites), and offsets (B,2,H/8,W/8) int64 from the attention (for flow_to_image).
+        composites), and offsets (B,2,H/8,W/8) int64 from the attention (for flow_to_image; zeros for the
+        baseline, attention "none").
 
         holes_only: the caller keeps only the hole pixels of ``refined`` (inference: ``models.inpaint``).
         The attention then skips the rows of its grid that cannot reach a hole pixel (farther than
         ATTENTION_REACH feature rows from every hole row of the batch): ``refined`` is unchanged in the holes,
         not elsewhere, and those rows' offsets are 0. The attention's cost scales with the rows it keeps.
+        The baseline (attention "none") has no attention to skip: the flag changes nothing there.
         """
         B, _, H, W = image.shape
         if H % 8 or W % 8:
@@ -88,6 +122,11 @@ class InpaintGenerator(nn.Module):
         xin = torch.cat([xnow, ones, mask], 1)  # (B, 5, H, W)
         del xnow
         x_conv = self.refine_conv(xin)  # (B, 4c, H/4, W/4)
+        if self.attention is None:  # the baseline: the dilated branch alone
+            del xin
+            refined = self.refine_dec(x_conv).clamp(-1, 1)  # (B, 3, H, W)
+            offsets = torch.zeros(B, 2, H // 8, W // 8, dtype=torch.int64, device=image.device)
+            return coarse, refined, offsets
         x_att = self.refine_attn_in(xin)  # (B, 4c, H/4, W/4)
         del xin
         # Hole mask at feature resolution: a cell is a hole if any of its 4x4 pixels is.

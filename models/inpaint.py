@@ -56,7 +56,8 @@ def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offset
     attention offsets (B,2,ceil(H/8),ceil(W/8)) int64 (of the padded image). Without them, the attention
     runs only from the rows that can reach a hole (``InpaintGenerator.forward(holes_only=True)``): the
     same composite, cheaper when the holes span few rows.
-    max_score_bytes overrides generator.attention.max_score_bytes for this call (memory for large images).
+    max_score_bytes overrides generator.attention.max_score_bytes for this call (memory for large images);
+    ignored by the baseline without attention (``InpaintGenerator(attention="none")``: its offsets are 0).
     """
     if image.dim() != 4 or image.shape[1] != 3:
         raise ValueError(f"image must be (B,3,H,W), got {tuple(image.shape)}")
@@ -66,9 +67,10 @@ def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offset
     if not image.is_floating_point():
         raise ValueError(f"image must be float in [-1,1], got {image.dtype} (see models.to_model_range)")
     param = next(generator.parameters())
-    attention = generator.attention
-    saved_budget, was_training = attention.max_score_bytes, generator.training
-    if max_score_bytes is not None:
+    attention = generator.attention  # None: the baseline without contextual attention (no budget to set)
+    saved_budget = None if attention is None else attention.max_score_bytes
+    was_training = generator.training
+    if max_score_bytes is not None and attention is not None:
         attention.max_score_bytes = int(max_score_bytes)
     generator.eval()
     try:
@@ -82,7 +84,8 @@ def inpaint(generator, image: torch.Tensor, mask: torch.Tensor, *, return_offset
             refined = refined[:, :, :H, :W].to(image.device, image.dtype)
             out = torch.where(hole, refined, image)
     finally:
-        attention.max_score_bytes = saved_budget
+        if attention is not None:
+            attention.max_score_bytes = saved_budget
         generator.train(was_training)
     return (out, offsets) if return_offsets else out
 

@@ -1,9 +1,14 @@
-"""DeepFill v1 losses: spatially discounted L1, AE loss, WGAN terms and the gradient penalty over holes.
+"""DeepFill v1 losses: spatially discounted L1, AE loss, WGAN terms and the gradient penalty over holes, and
+the GAN losses of the paper's ablation (``gan_loss``: WGAN-GP, DCGAN, LSGAN).
 
-Conventions: images (B,3,H,W) in [-1,1]; mask (B,1,H,W) float {0,1}, 1 = hole.
+Conventions: images (B,3,H,W) in [-1,1]; mask (B,1,H,W) float {0,1}, 1 = hole; critic outputs d_* (B,1)
+float, unbounded scores (logits for DCGAN).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -124,3 +129,60 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, mask: torch
     grad = grad * mask.to(grad.dtype)
     slopes = (grad.square().flatten(1).sum(1) + 1e-12).sqrt()  # (B,)
     return (slopes - 1).square().mean()
+
+
+def dcgan_critic_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """DCGAN discriminator loss, cross-entropy on logits with real -> 1 and fake -> 0:
+    mean(softplus(-D(real))) + mean(softplus(D(fake))) = BCE(sigmoid(D(real)), 1) + BCE(sigmoid(D(fake)), 0).
+    d_*: (B,1) logits. Scalar."""
+    return (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+
+
+def dcgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """DCGAN non-saturating generator loss, BCE with fake -> 1: mean(softplus(-D(fake))). d_fake (B,1) logits."""
+    return F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+
+
+def lsgan_critic_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """LSGAN discriminator loss (targets real 1, fake 0): 0.5 * mean((D(real) - 1)^2) + 0.5 * mean(D(fake)^2).
+    d_*: (B,1). Scalar."""
+    return 0.5 * (d_real - 1).square().mean() + 0.5 * d_fake.square().mean()
+
+
+def lsgan_generator_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """LSGAN generator loss (target 1): 0.5 * mean((D(fake) - 1)^2). d_fake (B,1). Scalar."""
+    return 0.5 * (d_fake - 1).square().mean()
+
+
+@dataclass(frozen=True)
+class GanLoss:
+    """One GAN objective, as the critic step and the generator step use it (``models.gan``).
+
+    critic(d_real, d_fake) -> scalar to minimise over the critic; generator(d_fake) -> scalar to minimise over
+    the generator; d_*: (B,1) critic outputs. gradient_penalty: whether the critic step adds
+    ``gan.gp_weight * gradient_penalty`` (WGAN-GP only).
+    """
+
+    name: str
+    critic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    generator: Callable[[torch.Tensor], torch.Tensor]
+    gradient_penalty: bool
+
+
+GAN_LOSSES = ("wgan_gp", "dcgan", "lsgan")
+
+
+def gan_loss(name: str) -> GanLoss:
+    """The GAN objective called ``name`` (the ``gan.loss`` option):
+    - "wgan_gp": WGAN with gradient penalty, DeepFill v1 (``critic_loss``, ``generator_adv_loss``);
+    - "dcgan": non-saturating cross-entropy on logits (``dcgan_critic_loss``, ``dcgan_generator_loss``);
+    - "lsgan": least squares with targets 1 / 0 (``lsgan_critic_loss``, ``lsgan_generator_loss``).
+    DCGAN and LSGAN take no gradient penalty."""
+    if name == "wgan_gp":
+        return GanLoss("wgan_gp", critic_loss, generator_adv_loss, gradient_penalty=True)
+    if name == "dcgan":
+        return GanLoss("dcgan", dcgan_critic_loss, dcgan_generator_loss, gradient_penalty=False)
+    if name == "lsgan":
+        return GanLoss("lsgan", lsgan_critic_loss, lsgan_generator_loss, gradient_penalty=False)
+    raise ValueError(f"unknown gan.loss {name!r}: expected one of {', '.join(GAN_LOSSES)}")

@@ -282,9 +282,9 @@ def _take(src: dict, names: dict[str, str], expected: dict[str, tuple], what: st
     return out
 
 
-def _generator_shapes(cnum: int) -> dict[str, tuple]:
+def _generator_shapes(cnum: int, attention: str = "contextual") -> dict[str, tuple]:
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in InpaintGenerator(cnum=cnum).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in InpaintGenerator(cnum=cnum, attention=attention).state_dict().items()}
 
 
 def _first_conv_width(src: dict, key: str, what: str) -> int:
@@ -489,10 +489,11 @@ def _convert_tf(prefix) -> dict:
 
 # ----------------------------------------------------------------------------------------- using the result
 
-def check_generator_state(state: Mapping, cnum: int, what: str = "the weights") -> None:
-    """Every key and shape of ``InpaintGenerator(cnum)`` present in ``state`` and nothing else; ValueError
-    naming the first that is not."""
-    load_into_shapes(_generator_shapes(cnum), state, what)
+def check_generator_state(state: Mapping, cnum: int, what: str = "the weights",
+                          attention: str = "contextual") -> None:
+    """Every key and shape of ``InpaintGenerator(cnum, attention=attention)`` present in ``state`` and nothing
+    else; ValueError naming the first that is not."""
+    load_into_shapes(_generator_shapes(cnum, attention), state, what)
 
 
 def load_into_shapes(expected: Mapping[str, tuple], state: Mapping, what: str) -> None:
@@ -513,11 +514,12 @@ def load_into(module: torch.nn.Module, state: Mapping, what: str) -> None:
     module.load_state_dict(dict(state))
 
 
-def make_generator(cnum: int, semantics: str = "torch") -> InpaintGenerator:
-    """``InpaintGenerator(cnum)`` running with ``semantics`` ("torch" is the default build)."""
+def make_generator(cnum: int, semantics: str = "torch", attention: str = "contextual") -> InpaintGenerator:
+    """``InpaintGenerator(cnum)`` running with ``semantics`` ("torch" is the default build); attention
+    "contextual" (DeepFill v1) or "none" (the paper's baseline without the attention branch)."""
     if semantics not in SEMANTICS:
         raise ValueError(f"unknown semantics {semantics!r}: use {' or '.join(SEMANTICS)}")
-    return InpaintGenerator(cnum=cnum, semantics=semantics)
+    return InpaintGenerator(cnum=cnum, semantics=semantics, attention=attention)
 
 
 def build_generator(result: Mapping) -> InpaintGenerator:
