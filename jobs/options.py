@@ -137,10 +137,19 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
     return out
 
 
+def _union_arms(tp: Any) -> tuple | None:
+    """The arms of a union type other than ``None`` (``int | list[int]``), or None for any other type."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return tuple(a for a in typing.get_args(tp) if a is not type(None))
+    return None
+
+
 def _type_name(tp: Any) -> str:
     inner, optional = _strip_optional(tp)
     origin = typing.get_origin(inner)
-    if origin is typing.Literal:
+    if _union_arms(inner):
+        name = " or ".join(_type_name(a) for a in _union_arms(inner))
+    elif origin is typing.Literal:
         name = "|".join(str(a) for a in typing.get_args(inner))
     elif origin in (list, tuple):
         name = "list"
@@ -161,6 +170,17 @@ def _coerce(value: Any, tp: Any, path: str, finite: bool = True) -> Any:
         if optional:
             return None
         raise ConfigError(f"{path}: must not be null")
+    arms = _union_arms(tp)
+    if arms:  # ``int | list[int]``: a list value takes the list arm, anything else the first arm that fits
+        ordered = sorted(arms, key=lambda a: typing.get_origin(a) not in (list, tuple)) \
+            if isinstance(value, (list, tuple)) else arms
+        errors = []
+        for arm in ordered:
+            try:
+                return _coerce(value, arm, path, finite)
+            except ConfigError as err:
+                errors.append(str(err).removeprefix(f"{path}: "))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r} ({'; '.join(errors)})")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of options, got {value!r}")

@@ -101,6 +101,23 @@ class Tracker:
                  _param_value(uri))
         return tracker
 
+    @staticmethod
+    def create(uri: str, experiment: str, run_name: str, params: dict[str, Any],
+               tags: dict[str, str] | None = None) -> str:
+        """Create a run (RUNNING, not made active in this process) with its params; returns its id. The
+        training driver makes the job's run this way and its workers resume it (``start(run_id=...)``)."""
+        import mlflow
+
+        client = mlflow.MlflowClient(uri)
+        name = _param_value(experiment)
+        exp = client.get_experiment_by_name(name)
+        experiment_id = exp.experiment_id if exp is not None else client.create_experiment(name)
+        run = client.create_run(experiment_id, run_name=_param_value(run_name), tags=_tags(tags))
+        items = sorted({_param_value(k): _param_value(v) for k, v in params.items()}.items())
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in items[i:i + 100]])
+        return run.info.run_id
+
     def _log_params(self, params: dict[str, Any]) -> None:
         """Log params; on a resumed run, keep the first values and record changed ones as a tag.
 

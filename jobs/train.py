@@ -71,7 +71,7 @@ def connect_ray(cfg: TrainConfig) -> None:
     """
     from pipeline.cluster import connect
 
-    want = math.ceil(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + max(2, cfg.data.decode_cpus)
+    want = math.ceil(cfg.scaling.max_workers * cfg.scaling.cpus_per_worker) + max(2, cfg.data.decode_cpus)
     connect(num_cpus=max(os.cpu_count() or 1, want))
 
 
@@ -94,11 +94,11 @@ def check_data(cfg: TrainConfig) -> dict:
         where = storage.redact(storage.join(shards, "manifest.json"))
         raise ConfigError(f"data.shards: cannot read {where} ({type(err).__name__}: {err}); "
                           f"is it a `deepfill prepare` output?") from None
-    workers = max(cfg.scaling.num_workers, 1)
+    workers = max(cfg.scaling.max_workers, 1)
     if count < workers * cfg.batch_size:
         raise ConfigError(
             f"data.shards holds {count} training image(s), fewer than one batch per worker (batch_size="
-            f"{cfg.batch_size} x scaling.num_workers={workers} = {workers * cfg.batch_size}): lower "
+            f"{cfg.batch_size} x {_workers_option(cfg)} = {workers * cfg.batch_size}): lower "
             f"batch_size or scaling.num_workers, or prepare more images")
     return manifest
 
@@ -159,6 +159,14 @@ def _placeable(bundle: dict[str, float], count: int, strategy: str, nodes: list[
     return sum(fits) >= count
 
 
+def _workers_option(cfg: TrainConfig) -> str:
+    """``scaling.num_workers=N``, or ``scaling.num_workers=[min, max]: at least min`` for an elastic job."""
+    sc = cfg.scaling
+    if sc.elastic:
+        return f"scaling.num_workers=[{sc.min_workers}, {sc.max_workers}]"
+    return f"scaling.num_workers={sc.num_workers}"
+
+
 def _option(resource: str) -> str:
     """The per-worker option that reserves ``resource``."""
     return {"CPU": "scaling.cpus_per_worker", "GPU": "scaling.gpus_per_worker"}.get(
@@ -175,8 +183,9 @@ def check_cluster(cfg: TrainConfig, cluster: ClusterResources) -> str | None:
     in fragments too small for one decode task, e.g. 0.5 on each of two nodes.)
     """
     sc, data = cfg.scaling, cfg.data
+    count = sc.min_workers  # an elastic job starts with min and grows: min is what the cluster must hold
     bundle = {k: a for k, a in worker_resources(cfg).items() if a > 0}
-    workers = {k: sc.num_workers * a for k, a in bundle.items()} if sc.num_workers else {}
+    workers = {k: count * a for k, a in bundle.items()} if count else {}
     need = {**workers, "CPU": workers.get("CPU", 0.0) + data.decode_cpus}
     now = cluster.total
     if cluster.max_total is not None:
@@ -195,8 +204,8 @@ def check_cluster(cfg: TrainConfig, cluster: ClusterResources) -> str | None:
             data_why = f"data.decode_workers={data.decode_workers} decode actors of 1 CPU"
         else:
             data_why = "data.decode_workers=0: at least one decode actor of 1 CPU"
-        reserve = (f"the {sc.num_workers} training worker(s) reserve {_amounts(workers)} (scaling.num_workers="
-                   f"{sc.num_workers} x {per_worker})" if workers else "the training loop runs in the driver")
+        reserve = (f"the {count} training worker(s) reserve {_amounts(workers)} ({_workers_option(cfg)} x "
+                   f"{per_worker})" if workers else "the training loop runs in the driver")
         levers = ["scaling.num_workers"]
         levers += [_option(k) + (" (fractions work, e.g. 0.5)" if k == "CPU" else "") for k in short]
         if "CPU" in short and data.decode_pool == "actors" and data.decode_workers > 1:
@@ -208,9 +217,9 @@ def check_cluster(cfg: TrainConfig, cluster: ClusterResources) -> str | None:
         return (f"the cluster cannot hold this job: it {has} {_amounts(have)}; {reserve}, and the data pipeline "
                 f"needs {data.decode_cpus:g} CPU more ({data_why}): {_amounts(need)} in all. {grow}, "
                 f"or lower {', '.join(levers)}; {off}")
-    if cluster.max_total is None and not _placeable(bundle, sc.num_workers, sc.placement_strategy, cluster.nodes):
+    if cluster.max_total is None and not _placeable(bundle, count, sc.placement_strategy, cluster.nodes):
         nodes = "; ".join(_amounts({k: n.get(k, 0.0) for k in bundle}) for n in cluster.nodes)
-        return (f"the cluster's nodes cannot take {sc.num_workers} training worker(s) of {_amounts(bundle)} each "
+        return (f"the cluster's nodes cannot take {count} training worker(s) of {_amounts(bundle)} each "
                 f"(scaling.placement_strategy={sc.placement_strategy}): its nodes have {nodes}. Lower "
                 f"{per_worker} or scaling.num_workers, or use scaling.placement_strategy=PACK; {off}")
     return None
@@ -227,56 +236,107 @@ def storage_uri(cfg: TrainConfig) -> str:
     return storage.join(base, cfg.name)
 
 
-def batches_per_pass(cfg: TrainConfig, train_count: int) -> int:
-    """Full per-worker batches in one pass over ``train_count`` training images."""
-    return max(train_count // max(cfg.scaling.num_workers, 1) // cfg.batch_size, 1)
+def samples_per_step(cfg: TrainConfig, world_size: int) -> int:
+    """Training samples one generator step takes from the stream: each of ``world_size`` workers takes
+    ``gan.n_critic + 1`` batches of ``batch_size`` (the per-worker batch stays fixed when an elastic job
+    resizes; ``optim.lr_scaling`` scales the learning rates instead)."""
+    return max(world_size, 1) * cfg.batch_size * (cfg.gan.n_critic + 1)
 
 
-def train_epochs(cfg: TrainConfig, train_count: int, start_step: int = 0) -> int:
-    """Passes over the training shards that cover steps ``start_step .. steps``."""
-    remaining = max(cfg.steps - start_step, 1)
-    return max(math.ceil(remaining * (cfg.gan.n_critic + 1) / batches_per_pass(cfg, train_count)), 1)
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where a job is in its training stream: ``samples`` taken so far in all (``epoch``, ``rows`` into it)."""
+
+    samples: int
+    train_count: int
+
+    @property
+    def epoch(self) -> int:
+        return self.samples // max(self.train_count, 1)
+
+    @property
+    def rows(self) -> int:
+        return self.samples % max(self.train_count, 1)
 
 
-def start_epoch(cfg: TrainConfig, train_count: int, start_step: int) -> int:
-    """The epoch a job that resumes at ``start_step`` is in."""
-    return start_step * (cfg.gan.n_critic + 1) // batches_per_pass(cfg, train_count)
+def train_epochs(cfg: TrainConfig, position: StreamPosition, start_step: int = 0) -> int:
+    """Passes over the training shards, from ``position.epoch`` on, that cover steps ``start_step .. steps``
+    even if every step runs with ``scaling.max_workers`` workers."""
+    remaining = max(cfg.steps - start_step, 1) * samples_per_step(cfg, cfg.scaling.max_workers) + position.rows
+    return max(math.ceil(remaining / max(position.train_count, 1)), 1)
+
+
+def checkpoint_record(cfg: TrainConfig, run_uri: str) -> dict | None:
+    """The metrics reported with the newest checkpoint in Ray Train's own record of the run in ``run_uri``
+    (``ray.train.Result.from_path``: the checkpoint ``ray.train.get_checkpoint()`` hands the workers), or
+    None for a run without one."""
+    import ray.train
+
+    from pipeline import storage
+
+    fs, path = storage.pyarrow_filesystem(run_uri, cfg.data.storage)
+    try:
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError:  # no run folder, or no checkpoint record in it yet: a new run
+        return None
+    return dict(result.metrics or {}) if result.checkpoint is not None else None
 
 
 class TrainStream:
     """The training dataset as Ray Train builds it at each worker-group start (a dataset factory).
 
-    ``resume_step()`` is the step of the newest checkpoint in Ray Train's own record of the run
-    (``ray.train.Result.from_path``: the checkpoint ``ray.train.get_checkpoint()`` hands the workers), 0
-    for a new run; the dataset covers the epochs from that step's to the last step's
-    (``pipeline.datasets.build_train_dataset``).
+    ``resume_point()`` is (step, samples taken) of the newest checkpoint in Ray Train's own record of the
+    run (``ray.train.Result.from_path``: the checkpoint ``ray.train.get_checkpoint()`` hands the workers),
+    (0, 0) for a new run. The workers count the samples they take (``samples_seen``, saved with every
+    checkpoint and reported with it), so the position does not depend on how many workers took them: a job
+    that resumes at another size continues in the same epoch, after the shards already consumed
+    (``pipeline.datasets.build_train_dataset``'s ``skip_rows``), repeating at most the rest of the one
+    shard it stopped in and skipping none. A checkpoint from before ``samples_seen`` existed counts as
+    ``step * samples_per_step(max_workers)``.
     """
 
     def __init__(self, cfg: TrainConfig, run_uri: str):
         self.cfg, self.run_uri = cfg, run_uri
 
+    def resume_point(self) -> tuple[int, int]:
+        metrics = checkpoint_record(self.cfg, self.run_uri)
+        if metrics is None:
+            return 0, 0
+        step = int(metrics.get("step", 0))
+        seen = metrics.get("samples_seen")
+        return step, int(seen) if seen is not None else step * samples_per_step(self.cfg, self.cfg.scaling.max_workers)
+
     def resume_step(self) -> int:
-        import ray.train
-
-        from pipeline import storage
-
-        fs, path = storage.pyarrow_filesystem(self.run_uri, self.cfg.data.storage)
-        try:
-            result = ray.train.Result.from_path(path, storage_filesystem=fs)
-        except RuntimeError:  # no run folder, or no checkpoint record in it yet: a new run
-            return 0
-        return int((result.metrics or {}).get("step", 0)) if result.checkpoint is not None else 0
+        return self.resume_point()[0]
 
     def __call__(self):
         from pipeline.datasets import build_train_dataset
         from pipeline.shards import read_manifest
 
         cfg = self.cfg
-        count = int(read_manifest(cfg.data.shards, cfg.data.storage)["counts"]["train"])
-        step = self.resume_step()
-        log.info("training data from step %d (epoch %d)", step, start_epoch(cfg, count, step))
-        return build_train_dataset(cfg.data, cfg.masks, epochs=train_epochs(cfg, count, step),
-                                   start_epoch=start_epoch(cfg, count, step))
+        manifest = read_manifest(cfg.data.shards, cfg.data.storage)
+        step, seen = self.resume_point()
+        position = StreamPosition(seen, int(manifest["counts"]["train"]))
+        log.info("training data from step %d: sample %d, epoch %d row %d", step, seen, position.epoch,
+                 position.rows)
+        return build_train_dataset(cfg.data, cfg.masks, epochs=train_epochs(cfg, position, step),
+                                   start_epoch=position.epoch, skip_rows=position.rows,
+                                   shard_rows=(manifest.get("shard_rows") or {}).get("train"))
+
+
+def job_run_id(cfg: TrainConfig, tracking_uri: str, run_uri: str) -> str:
+    """The job's one MLflow run, made by the driver before any worker starts, so that every worker group
+    (the first, each elastic resize, each restart) logs into it even before the first checkpoint: the run
+    of the newest checkpoint in Ray Train's record (``checkpoint_record``) for a job that continues, else a
+    new run (``jobs.tracking.Tracker.create``)."""
+    from jobs.options import flatten, to_dict
+    from jobs.tracking import Tracker
+
+    run_id = (checkpoint_record(cfg, run_uri) or {}).get("mlflow_run_id")
+    if run_id:
+        return str(run_id)
+    return Tracker.create(tracking_uri, cfg.tracking.experiment, cfg.name, flatten(to_dict(cfg)),
+                          tags={"storage": run_uri})
 
 
 def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
@@ -316,14 +376,17 @@ def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
         local = os.path.abspath(os.path.expanduser(cfg.data.shards.removeprefix("file://")))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, shards=local))
     run_uri = storage_uri(cfg)
+    run_id = job_run_id(cfg, tracking_uri, run_uri)
     fs, path = storage.pyarrow_filesystem(cfg.checkpoint.storage_path, cfg.data.storage)
     resources = worker_resources(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "storage_uri": run_uri},
+        train_loop_config={"config": to_dict(cfg), "tracking_uri": tracking_uri, "storage_uri": run_uri,
+                           "mlflow_run_id": run_id},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
-            placement_strategy=cfg.scaling.placement_strategy,
+            num_workers=cfg.scaling.ray_num_workers(), use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources, placement_strategy=cfg.scaling.placement_strategy,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s,
         ),
         datasets={"train": dataset if dataset is not None else TrainStream(cfg, run_uri)},
         run_config=ray.train.RunConfig(
@@ -331,11 +394,15 @@ def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
             storage_path=path,
             storage_filesystem=fs if storage.is_s3(cfg.checkpoint.storage_path) else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.checkpoint.max_failures,
+                max_preemption_failures=cfg.checkpoint.max_preemption_failures,
+                preemption_grace_s=cfg.checkpoint.preemption_grace_s),
         ),
     )
-    log.info("training %s: %d steps on %d worker(s), checkpoints in %s, MLflow at %s", cfg.name, cfg.steps,
-             cfg.scaling.num_workers, storage.redact(run_uri), storage.redact(tracking_uri))
+    log.info("training %s: %d steps on %s worker(s), checkpoints in %s, MLflow run %s at %s", cfg.name,
+             cfg.steps, "-".join(map(str, cfg.scaling.ray_num_workers())) if cfg.scaling.elastic
+             else cfg.scaling.num_workers, storage.redact(run_uri), run_id, storage.redact(tracking_uri))
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     ckpt = None

@@ -2,7 +2,7 @@
 
 Every key path here (``gan.gp_weight``, ``scaling.num_workers``) is the same string in YAML, in ``--set``
 and as the MLflow param name; the comment after a field is its ``--help`` text (``jobs.options``). The
-``data`` and ``masks`` groups come from ``pipeline.config``, the ``gan`` group (schedule and loss weights)
+``data`` and ``masks`` groups come from ``pipeline.config``, the ``gan`` group (objective, schedule and loss weights) and the ``loss`` group (the reconstruction loss)
 from ``models.gan``, so each is declared once, where it is used.
 
 Everything that can be checked from the options alone is checked here, when they load (``--print-config``
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from jobs.options import check_name
-from models.gan import GanOptions
+from models.gan import GanOptions, LossOptions
 from pipeline.config import DataConfig, MaskConfig
 
-__all__ = ["TrainConfig", "ModelOptions", "InitOptions", "OptimOptions", "GanOptions", "ScalingOptions", "CheckpointOptions",
+__all__ = ["TrainConfig", "ModelOptions", "InitOptions", "OptimOptions", "GanOptions", "LossOptions", "ScalingOptions", "CheckpointOptions",
            "TrackingOptions", "DebugOptions", "DataConfig", "MaskConfig"]
 
 
@@ -33,6 +33,9 @@ class ModelOptions:
     # how the generator pads and resizes: torch (PyTorch padding, nearest resizes) or tf (the TF release's
     #    SAME padding and align-corners resizes); auto: init.generator's own setting, else torch
     semantics: Literal["auto", "torch", "tf"] = "auto"
+    # refinement network: contextual (DeepFill v1) or none (the paper's baseline: the dilated-convolution
+    #    branch alone, no contextual attention)
+    attention: Literal["contextual", "none"] = "contextual"
 
     def __post_init__(self):
         if self.cnum < 1:
@@ -45,11 +48,22 @@ class ModelOptions:
 class OptimOptions:
     """Adam for each side (generator; both critics together), as in the reference."""
 
-    lr_generator: float = 1e-4  # generator learning rate
-    lr_critic: float = 1e-4  # critics' learning rate
+    lr_generator: float = 1e-4  # generator learning rate (with scaling.max_workers workers; see lr_scaling)
+    lr_critic: float = 1e-4  # critics' learning rate (with scaling.max_workers workers; see lr_scaling)
+    # an elastic job running w of its max workers keeps the per-worker batch (so the global batch is
+    #    w * batch_size) and scales both learning rates by sqrt(w / max) (Adam's square-root rule), by
+    #    w / max (linear), or not at all (none)
+    lr_scaling: Literal["sqrt", "linear", "none"] = "sqrt"
     beta1: float = 0.5  # Adam beta1 (both sides)
     beta2: float = 0.9  # Adam beta2 (both sides)
     bf16: bool = True  # bf16 autocast on CUDA (ignored on CPU, which always runs float32)
+
+    def lr_scale(self, world_size: int, max_workers: int) -> float:
+        """The factor on both learning rates for ``world_size`` workers of ``max_workers`` (``lr_scaling``)."""
+        if self.lr_scaling == "none" or max_workers <= 1 or world_size >= max_workers:
+            return 1.0
+        ratio = max(world_size, 1) / max_workers
+        return ratio ** 0.5 if self.lr_scaling == "sqrt" else ratio
 
     def __post_init__(self):
         for name in ("lr_generator", "lr_critic"):
@@ -64,7 +78,11 @@ class OptimOptions:
 class ScalingOptions:
     """How many Ray Train workers, and what each one holds."""
 
-    num_workers: int = 2  # DDP workers (0 runs the loop in the driver process: for quick tests only)
+    # DDP workers: N, or [min, max] for an elastic job that starts with as many as fit (at least min), grows
+    #    when capacity appears and shrinks when a node goes (0 runs the loop in the driver: quick tests only)
+    num_workers: int | list[int] = 2
+    # an elastic job looks for room to grow this often, in seconds (Ray Train's elastic resize monitor)
+    resize_interval_s: float = 60.0
     use_gpu: bool = False  # one CUDA device per worker (NCCL); False trains on CPU (gloo)
     cpus_per_worker: float = 1.0  # logical CPUs reserved per worker (the data tasks need some too)
     gpus_per_worker: float = 1.0  # GPUs per worker when use_gpu
@@ -82,14 +100,41 @@ class ScalingOptions:
                     f"scaling.custom_resources.{key} must be a non-negative number of a custom resource "
                     f"(CPU and GPU have their own options), got {amount!r}"
                 )
-        if self.num_workers < 0:
+        if isinstance(self.num_workers, (list, tuple)):
+            if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
+                raise ValueError(f"scaling.num_workers must be N or [min, max] with 1 <= min <= max, got "
+                                 f"{list(self.num_workers)}")
+            self.num_workers = [int(n) for n in self.num_workers]
+            if self.num_workers[0] == self.num_workers[1]:  # [n, n] is a fixed-size job
+                self.num_workers = self.num_workers[0]
+        elif self.num_workers < 0:
             raise ValueError(f"scaling.num_workers must be >= 0, got {self.num_workers}")
+        if self.resize_interval_s <= 0:
+            raise ValueError(f"scaling.resize_interval_s must be > 0, got {self.resize_interval_s}")
         if self.cpus_per_worker < 0:
             raise ValueError(f"scaling.cpus_per_worker must be >= 0, got {self.cpus_per_worker}")
         if self.gpus_per_worker < 0:
             raise ValueError(f"scaling.gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
         if self.use_gpu and not self.gpus_per_worker > 0:
             raise ValueError(f"scaling.gpus_per_worker must be > 0 with use_gpu, got {self.gpus_per_worker}")
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count is a [min, max] range."""
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the job runs with: the reference world size of ``optim``'s learning rates."""
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    def ray_num_workers(self) -> int | tuple[int, int]:
+        """``ScalingConfig(num_workers=...)``: an int, or a (min, max) tuple for an elastic job."""
+        return tuple(self.num_workers) if self.elastic else self.num_workers
 
 
 @dataclass
@@ -100,6 +145,17 @@ class CheckpointOptions:
     every: int = 1000  # checkpoint every this many steps (and always at the last step)
     num_to_keep: int = 3  # newest checkpoints kept in storage
     max_failures: int = 3  # worker-group restarts (from the last checkpoint) before the job fails
+    # restarts after node preemptions (spot reclaims, Ray node drains), counted apart from max_failures; -1 = no limit
+    max_preemption_failures: int = -1
+    # seconds the surviving workers may keep running past a preemption deadline (to finish a checkpoint upload)
+    preemption_grace_s: float = 0.0
+    # on a drain of one of the job's nodes, every worker takes part in a just-in-time checkpoint (Ray Train's
+    #    get_preemption_info, asked every preemption_check_every steps: a barrier across the workers)
+    on_preemption: bool = True
+    preemption_check_every: int = 1  # steps between preemption checks (each one is a barrier)
+    # async: the upload to checkpoint.storage_path runs in the background while training goes on (the step
+    #    that reports waits only for the local write); sync: the reporting step waits for the upload
+    upload: Literal["async", "sync"] = "async"
 
     def __post_init__(self):
         if not self.storage_path:
@@ -110,6 +166,13 @@ class CheckpointOptions:
             raise ValueError(f"checkpoint.num_to_keep must be >= 1, got {self.num_to_keep}")
         if self.max_failures < -1:
             raise ValueError(f"checkpoint.max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        if self.max_preemption_failures < -1:
+            raise ValueError(f"checkpoint.max_preemption_failures must be >= -1 (-1 = unlimited), got "
+                             f"{self.max_preemption_failures}")
+        if self.preemption_grace_s < 0:
+            raise ValueError(f"checkpoint.preemption_grace_s must be >= 0, got {self.preemption_grace_s}")
+        if self.preemption_check_every < 1:
+            raise ValueError(f"checkpoint.preemption_check_every must be >= 1, got {self.preemption_check_every}")
 
 
 @dataclass
@@ -143,11 +206,11 @@ class TrackingOptions:
 class DebugOptions:
     """TEST-ONLY hooks. Leave at their defaults for real training."""
 
-    fail_at_step: int = 0  # TEST ONLY: rank 1 (rank 0 with one worker) exits its process at this step, once per job; 0 = off
+    step_delay_s: float = 0.0  # TEST ONLY: every rank sleeps this long after each step (to watch a job resize)
 
     def __post_init__(self):
-        if self.fail_at_step < 0:
-            raise ValueError(f"debug.fail_at_step must be >= 0, got {self.fail_at_step}")
+        if self.step_delay_s < 0:
+            raise ValueError(f"debug.step_delay_s must be >= 0, got {self.step_delay_s}")
 
 
 @dataclass
@@ -179,7 +242,7 @@ class TrainConfig:
     name: str = "deepfill"  # Ray Train run name (folder under checkpoint.storage_path) and MLflow run name
     steps: int = 150_000  # generator steps in total (a resumed job continues up to this count)
     batch_size: int = 16  # images per worker per critic or generator step
-    seed: int = 0  # seed of weight init and of the gradient-penalty interpolation (masks: masks.seed)
+    seed: int = 0  # seed of weight init and of the gradient-penalty draws, per (step, rank) (masks: masks.seed)
     log_every: int = 100  # report losses, images/s and data-wait share every this many steps
     val_every: int = 1000  # validate (hole L1, PSNR, picture grid) every this many steps; 0 = never
     model: ModelOptions = field(default_factory=ModelOptions)
@@ -188,6 +251,7 @@ class TrainConfig:
     masks: MaskConfig = field(default_factory=MaskConfig)
     optim: OptimOptions = field(default_factory=OptimOptions)
     gan: GanOptions = field(default_factory=GanOptions)
+    loss: LossOptions = field(default_factory=LossOptions)
     scaling: ScalingOptions = field(default_factory=ScalingOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
     tracking: TrackingOptions = field(default_factory=TrackingOptions)

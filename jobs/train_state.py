@@ -103,12 +103,18 @@ def write_generator(path: str | Path, generator, *, step: int, config: dict) -> 
 
 
 def save_train_state(folder: str | Path, *, generator, local_critic, global_critic, opt_g, opt_d, step: int,
-                     rng: list[dict], config: dict, mlflow_run_id: str | None) -> None:
+                     rng: list[dict], config: dict, mlflow_run_id: str | None, samples_seen: int = 0,
+                     world_size: int = 1, unlogged_metrics: list | None = None) -> None:
     """Write a training checkpoint into ``folder``: ``train_state.pt``, ``generator.pt`` and ``config.yaml``.
 
     The networks may be DDP-wrapped (their plain modules are saved); ``rng`` holds one ``rng_state()`` per
-    rank; ``config`` is the resolved config as a plain mapping (``jobs.options.to_dict``), saved with
-    credentials removed (``pipeline.storage.redact_tree``) in all three files.
+    rank (informational: a resumed job seeds its random draws per step and rank, whatever its size);
+    ``samples_seen`` is the job's place in its training stream (``jobs.train.StreamPosition``) and
+    ``world_size`` the workers that trained the last step (an elastic job compares it when it resumes);
+    ``unlogged_metrics`` the metric rows ``[step, {name: value}]`` up to ``step`` not yet in MLflow (the
+    worker group that resumes the checkpoint logs them: ``jobs.trainer.MLflowLogging``);
+    ``config`` is the resolved config as a plain mapping (``jobs.options.to_dict``), saved with credentials
+    removed (``pipeline.storage.redact_tree``) in all three files.
     """
     import torch
     import yaml
@@ -131,6 +137,9 @@ def save_train_state(folder: str | Path, *, generator, local_critic, global_crit
         "rng": rng,
         "config": config,
         "mlflow_run_id": mlflow_run_id or "",
+        "samples_seen": int(samples_seen),
+        "world_size": int(world_size),
+        "unlogged_metrics": list(unlogged_metrics or []),
     }
     torch.save(state, folder / TRAIN_STATE_FILENAME)
     write_generator(folder / GENERATOR_FILENAME, gen, step=step, config=config)

@@ -14,23 +14,36 @@ The order, on every rank::
 
 ``default_hooks`` builds the list, in this order:
 
-1. ``FailureInjection``: ``debug.fail_at_step`` (tests only) ends one worker's process abruptly.
-2. ``WindowMetrics``: on report steps, the means of the losses since the last report, images/s, the share
-   of time spent waiting for data and the step time, into ``trainer.metrics``.
-3. ``Checkpointing``: on checkpoint steps, every rank's RNG state and a fingerprint of its parameters are
-   gathered (``ddp_param_divergence``, 0 while DDP keeps the ranks in sync); rank 0 writes the checkpoint
-   folder (``jobs.train_state``) for the report to carry.
+1. ``DebugDelay``: ``debug.step_delay_s`` (tests only) slows every step down.
+2. ``Preemption``: every ``checkpoint.preemption_check_every`` steps, asks Ray Train whether a node of the
+   job is being drained (a spot reclaim); if so this step takes a just-in-time checkpoint.
+3. ``WindowMetrics``: on report steps, the means of the losses since the last report, images/s, the share
+   of time spent waiting for data and the step time, ``world_size``, ``lr_scale`` and the share of the
+   worker group's time spent checkpointing, into ``trainer.metrics``.
 4. ``Validation`` (rank 0): on validation steps, hole L1 / PSNR on the fixed held-out set and a picture grid.
-5. ``MLflowLogging`` (rank 0): owns the MLflow run (``jobs.tracking``): starts or resumes it, logs the
-   metrics and grids at the generator step, and at the end logs and registers the generator.
-6. ``RayReport``: ``ray.train.report`` with the metrics and the checkpoint, then restarts the window.
+5. ``MLflowLogging`` (rank 0): owns the MLflow run (``jobs.tracking``): resumes the driver's run, records
+   start / resize / restart / preemption events, logs the metrics of committed steps (once each) and the
+   grids, and at the end logs and registers the generator.
+6. ``Checkpointing``: on checkpoint steps, a fingerprint of every rank's parameters is gathered
+   (``ddp_param_divergence``, 0 while DDP keeps the ranks in sync); rank 0 writes the checkpoint folder
+   (``jobs.train_state``: with ``samples_seen``, the worker count and the metric rows not yet in MLflow)
+   for the report to carry.
+7. ``RayReport``: ``ray.train.report`` with the metrics and the checkpoint (uploaded in the background
+   with ``checkpoint.upload=async``), then restarts the window.
 
 DDP collectives, in the order every rank makes them (a rank that skips one hangs the others):
 
 - once, before training: ``all_gather`` of the node ids (``train_loop_per_worker``);
 - every step: DDP's gradient all-reduce in each backward (``n_critic`` critic, then one generator);
-- on checkpoint steps: ``all_gather`` of the RNG states, then of the parameter fingerprints (hook 3);
-- on report steps: ``ray.train.report``, a barrier across the workers (hook 6).
+- every ``checkpoint.preemption_check_every`` steps: ``ray.train.get_preemption_info``, a barrier (hook 2);
+- on checkpoint steps: ``all_gather`` of the parameter fingerprints (hook 6);
+- on report steps: ``ray.train.report``, a barrier across the workers (hook 7).
+
+Any world size (elastic jobs, ``scaling.num_workers: [min, max]``): a worker group may resume a checkpoint
+another number of workers wrote. Nothing in it is per rank: the random draws of a step come from
+(seed, step, rank) (``step_seed``), crops and masks from (masks.seed, epoch, key), the data stream resumes
+at the samples taken so far (``jobs.train.TrainStream``), the per-worker batch stays ``batch_size`` and
+the learning rates follow ``optim.lr_scaling`` (``scale_learning_rates``).
 
 Fine-tuning (``init.generator`` / ``init.critics``): a job without a checkpoint of its own starts from those
 weights (``start_state``: every rank loads them, at step 0, with fresh optimisers), runs the generator with
@@ -47,16 +60,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from jobs.train import samples_per_step
 from jobs.train_config import TrainConfig
 
 log = logging.getLogger("jobs.train")
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one rank's random draws at one step (a 63-bit integer from (seed, step, rank))."""
+    from pipeline.masks import stable_seed
+
+    return stable_seed("step", int(seed), int(step), int(rank)) % (2**63)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -130,7 +150,7 @@ def build_networks(cfg: TrainConfig):
     torch.manual_seed(cfg.seed)
     crop = cfg.data.crop_size
     semantics = "torch" if cfg.model.semantics == "auto" else cfg.model.semantics
-    generator = make_generator(cfg.model.cnum, semantics)
+    generator = make_generator(cfg.model.cnum, semantics, cfg.model.attention)
     local_critic = models.local_critic(cnum=cfg.model.critic_cnum, size=crop // 2)
     global_critic = models.global_critic(cnum=cfg.model.critic_cnum, size=crop)
     return generator, local_critic, global_critic
@@ -189,7 +209,11 @@ def load_init(cfg: TrainConfig, tracking_uri: str | None = None) -> InitWeights 
                          f"--set model.cnum={cnum} (the width of the weights)")
     imported = extra.get("import") if isinstance(extra.get("import"), dict) else {}
     semantics = model.get("semantics") or imported.get("semantics") or "torch"
-    weights.check_generator_state(state["generator"], cnum, "init.generator")
+    attention = model.get("attention", "contextual")
+    if attention != cfg.model.attention:
+        raise ValueError(f"init.generator has attention {attention}, but model.attention is {cfg.model.attention}: "
+                         f"set --set model.attention={attention} (the layout of the weights)")
+    weights.check_generator_state(state["generator"], cnum, "init.generator", attention=attention)
     tags = {"deepfill.init.generator": redact(ref), "deepfill.init.generator.sha256": hashlib.sha256(data).hexdigest(),
             "deepfill.init.generator.step": str(int(state.get("step", 0))),
             "deepfill.init.generator.semantics": semantics}
@@ -246,7 +270,7 @@ def check_init(cfg: TrainConfig, tracking_uri: str | None = None) -> None:
             import torch
 
             with torch.device("meta"):
-                make_generator(cfg.model.cnum, resolve_init(cfg, init).model.semantics)
+                make_generator(cfg.model.cnum, resolve_init(cfg, init).model.semantics, cfg.model.attention)
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -312,6 +336,29 @@ def build_optimizers(cfg: TrainConfig, generator, local_critic, global_critic):
     critic_params = list(local_critic.parameters()) + list(global_critic.parameters())
     opt_d = torch.optim.Adam(critic_params, lr=cfg.optim.lr_critic, betas=betas)
     return opt_g, opt_d
+
+
+def plain_rows(rows) -> list:
+    """Metric rows [(step, {name: value})] as plain lists of finite floats, for a checkpoint."""
+    import math
+
+    out = []
+    for step, metrics in rows:
+        values = {k: float(v) for k, v in metrics.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        out.append([int(step), values])
+    return out
+
+
+def scale_learning_rates(cfg: TrainConfig, optimizers, world_size: int) -> float:
+    """Set (generator, critic) optimisers' learning rates for ``world_size`` workers: ``optim.lr_*`` times
+    ``optim.lr_scale(world_size, scaling.max_workers)`` (a restored optimiser state carries the rate it was
+    saved with: this replaces it). Returns the factor."""
+    scale = cfg.optim.lr_scale(world_size, cfg.scaling.max_workers)
+    for optimizer, lr in zip(optimizers, (cfg.optim.lr_generator, cfg.optim.lr_critic)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
+    return scale
 
 
 def param_fingerprint(*modules):
@@ -400,7 +447,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, device, networks, optimizers, batches,
                  start_step: int = 0, mlflow_run_id: str | None = None, hooks: list[Hook] = (),
-                 init_tags: dict | None = None):
+                 init_tags: dict | None = None, samples_seen: int = 0, previous_world_size: int | None = None,
+                 unlogged: list = ()):
         import torch
 
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
@@ -417,6 +465,14 @@ class Trainer:
         self.checkpoint_dir: str | None = None
         self.pictures: dict = {}
         self.error: BaseException | None = None
+        self.samples_seen = int(samples_seen)  # samples the job has taken from its stream (all ranks, all sizes)
+        self.previous_world_size = previous_world_size  # the size that trained the checkpoint resumed from
+        self.force_checkpoint = False  # set by a hook (a preemption): checkpoint at this step
+        self.committed_step = start_step  # the newest checkpoint Ray Train holds for sure (RayReport)
+        self.unlogged: list[tuple[int, dict]] = list(unlogged)  # (step, metrics) rank 0 has not logged yet
+        self.events: list[dict] = []  # resize / restart / preemption events for MLflowLogging to record
+        self.checkpoint_seconds = 0.0  # time this worker group spent writing and reporting checkpoints
+        self.started = time.perf_counter()
 
     # the schedule ------------------------------------------------------------------------------------
     @property
@@ -425,7 +481,7 @@ class Trainer:
 
     @property
     def checkpoint_due(self) -> bool:
-        return self.step % self.cfg.checkpoint.every == 0 or self.is_last
+        return self.step % self.cfg.checkpoint.every == 0 or self.is_last or self.force_checkpoint
 
     @property
     def validation_due(self) -> bool:
@@ -446,16 +502,22 @@ class Trainer:
         """``gan.n_critic`` critic steps, then one generator step, each on a fresh batch."""
         from models.gan import critic_step, generator_step
 
+        import torch
+
         cfg, nets = self.cfg, (self.generator, self.local_critic, self.global_critic)
         local_size = cfg.data.crop_size // 2
+        # the step's random draws (the gradient penalty's interpolation) depend on (seed, step, rank) only, so
+        # a job resumed at any world size draws as a fresh one would: no per-rank RNG state to carry over
+        torch.manual_seed(step_seed(cfg.seed, self.step, self.rank))
         for _ in range(cfg.gan.n_critic):
             image, mask, _ = self.next_batch()
             self.window.add(critic_step(*nets, self.opt_d, image, mask, local_size=local_size, gan=cfg.gan,
                                         amp_dtype=self.amp_dtype))
         image, mask, weight = self.next_batch()
         self.window.add(generator_step(*nets, self.opt_g, image, mask, weight, local_size=local_size,
-                                       gan=cfg.gan, amp_dtype=self.amp_dtype))
+                                       gan=cfg.gan, loss=cfg.loss, amp_dtype=self.amp_dtype))
         self.window.steps += 1
+        self.samples_seen += samples_per_step(cfg, self.world_size)
 
     def train(self) -> None:
         try:
@@ -465,6 +527,7 @@ class Trainer:
                 log.info("step %d already reached (steps=%d): nothing to train", self.start_step, self.cfg.steps)
             for self.step in range(self.start_step + 1, self.cfg.steps + 1):
                 self.metrics, self.checkpoint_dir, self.pictures = {}, None, {}
+                self.force_checkpoint = False
                 self.run_step()
                 for hook in self.hooks:
                     hook.after_step(self)
@@ -478,31 +541,13 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------- hooks
 
-class FailureInjection(Hook):
-    """TEST ONLY (``debug.fail_at_step``): rank 1 (rank 0 alone) ends its process abruptly at that step,
-    once per job. A marker file under the run's storage folder records that it happened, so the worker group
-    Ray Train restarts from the last checkpoint runs through the step."""
-
-    def __init__(self, storage_uri: str):
-        self.storage_uri = storage_uri
+class DebugDelay(Hook):
+    """TEST ONLY (``debug.step_delay_s``): every rank sleeps after each step, so a test can resize, drain or
+    stop a job while it is still training."""
 
     def after_step(self, trainer: Trainer) -> None:
-        cfg = trainer.cfg
-        if cfg.debug.fail_at_step != trainer.step or trainer.rank != (1 if trainer.world_size > 1 else 0):
-            return
-        from pipeline import storage
-
-        marker = storage.join(self.storage_uri, f".debug-failed-at-step-{trainer.step}")
-        if storage.exists(marker, cfg.data.storage):
-            return
-        storage.write_bytes_atomic(marker, b"1", cfg.data.storage)
-        # Ray Train's controller registers a reported checkpoint asynchronously; dying right after the report
-        # could make it restart from the checkpoint before. Give it time, so the test exercises a real resume.
-        time.sleep(10)
-        log.warning("debug.fail_at_step=%d: this worker exits now (test hook)", trainer.step)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(17)
+        if trainer.cfg.debug.step_delay_s:
+            time.sleep(trainer.cfg.debug.step_delay_s)
 
 
 class WindowMetrics(Hook):
@@ -516,14 +561,52 @@ class WindowMetrics(Hook):
 
             torch.cuda.synchronize()
         cfg, world = trainer.cfg, max(trainer.world_size, 1)
-        images_per_step = world * cfg.batch_size * (cfg.gan.n_critic + 1)
-        trainer.metrics.update({"step": trainer.step, **trainer.window.summary(images_per_step)})
+        trainer.metrics.update({"step": trainer.step, **trainer.window.summary(samples_per_step(cfg, world))})
         trainer.metrics["images_per_s_per_worker"] = trainer.metrics["images_per_s"] / world
+        elapsed = max(time.perf_counter() - trainer.started, 1e-9)
+        trainer.metrics.update({
+            "world_size": world, "lr_scale": cfg.optim.lr_scale(world, cfg.scaling.max_workers),
+            # this worker group's time writing and reporting checkpoints, as a share of its wall time so far
+            "checkpoint_time_share": trainer.checkpoint_seconds / elapsed,
+        })
+
+
+class Preemption(Hook):
+    """Every rank, every ``checkpoint.preemption_check_every`` steps: ``ray.train.get_preemption_info()``
+    (a barrier: every rank asks, the same number of times). When Ray Core reports a drain of one of the
+    job's nodes (a spot reclaim), this step takes a just-in-time checkpoint (``trainer.force_checkpoint``)
+    and training goes on; when the node goes, Ray Train restarts the workers at the size that fits, from
+    that checkpoint. One checkpoint per drain: a drain already answered does not checkpoint again."""
+
+    def __init__(self):
+        self.answered: set[str] = set()
+
+    def after_step(self, trainer: Trainer) -> None:
+        cfg = trainer.cfg
+        if not cfg.checkpoint.on_preemption or trainer.step % cfg.checkpoint.preemption_check_every:
+            return
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None:
+            return
+        nodes = ",".join(info.preempted_node_ids)
+        if nodes in self.answered:
+            return
+        self.answered.add(nodes)
+        trainer.force_checkpoint = True
+        left = (info.deadline_ms / 1000.0 - time.time()) if info.deadline_ms else None
+        trainer.events.append({"kind": "preemption", "step": trainer.step, "world_size": trainer.world_size,
+                               "nodes": nodes, "ranks": ",".join(map(str, info.preempted_ranks)),
+                               "deadline_in_s": round(left, 1) if left is not None else None})
+        if trainer.rank == 0:
+            log.warning("node(s) %s are being preempted (ranks %s, deadline in %s s): checkpoint at step %d",
+                        nodes, info.preempted_ranks, f"{left:.1f}" if left is not None else "?", trainer.step)
 
 
 class Checkpointing(Hook):
-    """On checkpoint steps: gather RNG states and parameter fingerprints (collectives), rank 0 writes the
-    checkpoint folder into a temporary directory that ``RayReport`` hands to Ray Train and then removes."""
+    """On checkpoint steps: gather parameter fingerprints (a collective), rank 0 writes the checkpoint
+    folder into a temporary directory that ``RayReport`` hands to Ray Train (which removes it)."""
 
     def after_step(self, trainer: Trainer) -> None:
         if not trainer.checkpoint_due:
@@ -531,16 +614,20 @@ class Checkpointing(Hook):
         from jobs import train_state
         from jobs.options import to_dict
 
+        t = time.perf_counter()
         nets = (trainer.generator, trainer.local_critic, trainer.global_critic)
-        rng = gather_objects(train_state.rng_state(), trainer.world_size)
         prints = gather_objects(param_fingerprint(*nets).cpu(), trainer.world_size)
         trainer.metrics["ddp_param_divergence"] = max(float((p - prints[0]).abs().max()) for p in prints)
+        trainer.metrics["samples_seen"] = trainer.samples_seen
         if trainer.rank == 0:
             folder = tempfile.mkdtemp(prefix="deepfill-ckpt-")
             train_state.save_train_state(folder, generator=nets[0], local_critic=nets[1], global_critic=nets[2],
-                                         opt_g=trainer.opt_g, opt_d=trainer.opt_d, step=trainer.step, rng=rng,
-                                         config=to_dict(trainer.cfg), mlflow_run_id=trainer.mlflow_run_id)
+                                         opt_g=trainer.opt_g, opt_d=trainer.opt_d, step=trainer.step,
+                                         rng=[train_state.rng_state()], config=to_dict(trainer.cfg),
+                                         mlflow_run_id=trainer.mlflow_run_id, samples_seen=trainer.samples_seen,
+                                         world_size=trainer.world_size, unlogged_metrics=plain_rows(trainer.unlogged))
             trainer.checkpoint_dir = folder
+        trainer.checkpoint_seconds += time.perf_counter() - t
 
 
 class Validation(Hook):
@@ -573,12 +660,31 @@ class Validation(Hook):
 
 
 class MLflowLogging(Hook):
-    """Rank 0: the job's one MLflow run (resumed from the checkpoint's run id), its metrics and grids at the
-    generator step, and at the end the generator as a registered pyfunc model."""
+    """Rank 0: the job's one MLflow run (made by the driver, ``jobs.train.job_run_id``; resumed by every
+    worker group), its metrics and grids at the generator step, its events, and at the end the generator as
+    a registered pyfunc model.
+
+    Metrics are held back (``trainer.unlogged``) until a checkpoint at or after their step is committed
+    (``trainer.committed_step``, set by ``RayReport``): a worker group that dies is followed by one that
+    trains on from the last checkpoint, redoing the steps past it, so logging those at once would log them
+    twice, the second time with other values. Each checkpoint carries the rows not yet logged up to its step
+    (``Checkpointing``), and the group that resumes it logs them first. So every step is logged once, in
+    increasing order, whichever group dies when; the cost is that metrics reach MLflow one checkpoint late
+    (``checkpoint.every``; a preemption's just-in-time checkpoint counts). A resumed group also skips any
+    step MLflow already has (a group that died between reporting a checkpoint and Ray Train registering it).
+
+    Events are MLflow tags ``deepfill.event.NNNN`` (JSON: kind, time, step, world sizes, nodes), logged at
+    once: ``start``, ``resize`` (another worker count than the checkpoint's), ``restart`` (same count) and
+    ``preemption`` (a drain seen, with the just-in-time checkpoint's step). ``world_size`` is a metric.
+    """
+
+    EVENT_TAG = "deepfill.event."
 
     def __init__(self, tracking_uri: str, storage_uri: str, node_ids: list[str]):
         self.tracking_uri, self.storage_uri, self.node_ids = tracking_uri, storage_uri, node_ids
         self.tracker = None
+        self.logged_until = 0  # steps up to here are in MLflow already
+        self.events_logged = 0
 
     def before_train(self, trainer: Trainer) -> None:
         if trainer.rank != 0:
@@ -594,21 +700,67 @@ class MLflowLogging(Hook):
                   "ray.device": trainer.device.type, "storage": self.storage_uri, **trainer.init_tags},
         )
         trainer.mlflow_run_id = self.tracker.run_id
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        run = client.get_run(self.tracker.run_id)
+        self.events_logged = sum(k.startswith(self.EVENT_TAG) for k in run.data.tags)
+        self.logged_until = max((m.step for m in client.get_metric_history(self.tracker.run_id, "world_size")),
+                                default=0)
+        if self.logged_until > trainer.start_step:
+            log.warning("MLflow has steps up to %d, the checkpoint is at step %d: steps %d..%d are not logged "
+                        "again", self.logged_until, trainer.start_step, trainer.start_step + 1, self.logged_until)
+        previous = trainer.previous_world_size
+        kind = "start" if trainer.start_step == 0 and previous is None else (
+            "resize" if previous is not None and previous != trainer.world_size else "restart")
+        trainer.events.insert(0, {"kind": kind, "step": trainer.start_step, "world_size": trainer.world_size,
+                                  "world_size_before": previous, "nodes": ",".join(sorted(set(self.node_ids)))})
+        self._log_events(trainer)
+        self._flush(trainer, trainer.start_step)  # what the checkpoint carried: its steps not yet in MLflow
+
+    def _log_events(self, trainer: Trainer) -> None:
+        import json
+
+        import mlflow
+
+        for event in trainer.events:
+            self.events_logged += 1
+            body = {"time": round(time.time(), 3), **{k: v for k, v in event.items() if v is not None}}
+            mlflow.set_tag(f"{self.EVENT_TAG}{self.events_logged:04d}", json.dumps(body, sort_keys=True))
+            log.info("event %s", body)
+        trainer.events.clear()
+
+    def _flush(self, trainer: Trainer, until: int) -> None:
+        """Log the held-back metrics (``trainer.unlogged``) of steps up to ``until`` that MLflow lacks."""
+        keep = []
+        for step, metrics in trainer.unlogged:
+            if step > until:
+                keep.append((step, metrics))
+            elif step > self.logged_until:
+                self.tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+                self.logged_until = step
+        trainer.unlogged = keep
 
     def after_step(self, trainer: Trainer) -> None:
         if self.tracker is None:
+            trainer.events.clear()
             return
+        if trainer.events:
+            self._log_events(trainer)
         if "grid" in trainer.pictures:
             self.tracker.log_grid(trainer.pictures["grid"], trainer.step)
-        if trainer.metrics:
-            self.tracker.log_metrics({k: v for k, v in trainer.metrics.items() if k != "step"}, trainer.step)
+        if trainer.metrics:  # the same dict: what Checkpointing adds to this step's metrics comes along
+            trainer.unlogged.append((trainer.step, trainer.metrics))
+        self._flush(trainer, trainer.committed_step)
 
     def after_train(self, trainer: Trainer) -> None:
         if self.tracker is None:
             return
         if trainer.error is not None:
+            self._flush(trainer, trainer.committed_step)
             self.tracker.finish("FAILED")
             return
+        self._flush(trainer, trainer.step)  # finished: the last step's checkpoint is the run's last word
         cfg = trainer.cfg
         if cfg.tracking.log_model and trainer.step > trainer.start_step:
             from jobs.options import to_dict
@@ -623,10 +775,18 @@ class MLflowLogging(Hook):
 
 class RayReport(Hook):
     """On report steps: ``ray.train.report`` (a barrier) with the metrics, the MLflow run id, the workers'
-    nodes and rank 0's checkpoint folder; then the window restarts (report-time work is not step time)."""
+    nodes and rank 0's checkpoint folder; then the window restarts (report-time work is not step time).
+
+    ``checkpoint.upload=async`` hands the folder to Ray Train's background upload
+    (``CheckpointUploadMode.ASYNC``, which deletes it once uploaded) and goes on training; Ray Train
+    registers reports in order, so the next report returns only after that upload finished: then the
+    checkpoint counts as committed (``trainer.committed_step``). ``sync`` waits for the upload in the
+    reporting step. The time of both goes into ``trainer.checkpoint_seconds``.
+    """
 
     def __init__(self, node_ids: list[str]):
         self.node_ids = node_ids
+        self.in_flight: int | None = None  # the step of an async checkpoint not known to be committed yet
 
     def after_step(self, trainer: Trainer) -> None:
         if not trainer.metrics:
@@ -637,16 +797,30 @@ class RayReport(Hook):
 
         metrics = {**trainer.metrics, "mlflow_run_id": trainer.mlflow_run_id or "",
                    "worker_node_ids": ",".join(self.node_ids)}
+        upload = (ray.train.CheckpointUploadMode.ASYNC if trainer.cfg.checkpoint.upload == "async"
+                  else ray.train.CheckpointUploadMode.SYNC)
+        checkpointing = "samples_seen" in trainer.metrics  # a checkpoint step, on every rank
+        t = time.perf_counter()
         try:
             if trainer.checkpoint_dir is not None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(trainer.checkpoint_dir),
-                                 checkpoint_dir_name=checkpoint_name(trainer.step))
+                                 checkpoint_dir_name=checkpoint_name(trainer.step), checkpoint_upload_mode=upload)
             else:
                 ray.train.report(metrics)
         finally:
-            if trainer.checkpoint_dir is not None:
+            if trainer.checkpoint_dir is not None and upload == ray.train.CheckpointUploadMode.SYNC:
                 shutil.rmtree(trainer.checkpoint_dir, ignore_errors=True)
-                trainer.checkpoint_dir = None
+            trainer.checkpoint_dir = None
+        if checkpointing:
+            trainer.checkpoint_seconds += time.perf_counter() - t
+        if self.in_flight is not None:  # this report returned: the one before it is registered
+            trainer.committed_step = max(trainer.committed_step, self.in_flight)
+            self.in_flight = None
+        if checkpointing:
+            if upload == ray.train.CheckpointUploadMode.ASYNC:
+                self.in_flight = trainer.step
+            else:
+                trainer.committed_step = trainer.step
         if trainer.rank == 0:
             log.info("step %d/%d %s", trainer.step, trainer.cfg.steps,
                      " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -655,20 +829,21 @@ class RayReport(Hook):
 
 def default_hooks(*, storage_uri: str, tracking_uri: str, node_ids: list[str]) -> list[Hook]:
     """The hooks of a training job, in the order the module docstring gives."""
-    return [FailureInjection(storage_uri), WindowMetrics(), Checkpointing(), Validation(),
-            MLflowLogging(tracking_uri, storage_uri, node_ids), RayReport(node_ids)]
+    return [DebugDelay(), Preemption(), WindowMetrics(), Validation(),
+            MLflowLogging(tracking_uri, storage_uri, node_ids), Checkpointing(), RayReport(node_ids)]
 
 
 # ----------------------------------------------------------------------------------------- the worker
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """The Ray Train worker function (every rank runs it). ``loop_config``: {"config", "tracking_uri",
-    "storage_uri"}. Builds the networks (same init on every rank; DDP also broadcasts rank 0's), restores
-    ``ray.train.get_checkpoint()`` if there is one, wraps for DDP, and runs a ``Trainer``."""
+    "storage_uri", "mlflow_run_id"}. Builds the networks (same init on every rank; DDP also broadcasts rank
+    0's), restores ``ray.train.get_checkpoint()`` if there is one (whatever worker count saved it), sets
+    the learning rates for this worker count (``scale_learning_rates``), wraps for DDP, and runs a
+    ``Trainer``."""
     import ray
     import ray.train
     import ray.train.torch
-    import torch
 
     from jobs import train_state
     from jobs.options import from_dict
@@ -685,18 +860,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("rank %d resumes from step %d", rank, int(state["step"]))
     # a new job starts from init.* when given (every rank loads the same weights); a resumed one from state
     cfg, networks, start_step, run_id, init = start_state(cfg, state, loop_config["tracking_uri"])
+    run_id = run_id or loop_config.get("mlflow_run_id")  # the driver's run for the job (jobs.train.job_run_id)
     networks = tuple(ray.train.torch.prepare_model(net) for net in networks)
     opt_g, opt_d = build_optimizers(cfg, *networks)
+    samples_seen, previous_world, unlogged = 0, None, []
     if state is not None:
         opt_g.load_state_dict(state["opt_generator"])
         opt_d.load_state_dict(state["opt_critic"])
-        saved_rng = state["rng"]
-        train_state.set_rng_state(saved_rng[rank] if rank < len(saved_rng) else saved_rng[0])
-        if rank >= len(saved_rng):  # more workers than when saved: decorrelate the new ranks
-            torch.manual_seed(cfg.seed + 7919 * (rank + 1) + start_step)
-    else:
-        torch.manual_seed(cfg.seed + 7919 * (rank + 1))  # gradient-penalty interpolation differs per rank
+        previous_world = int(state.get("world_size") or len(state.get("rng") or [])) or None
+        samples_seen = int(state.get("samples_seen")
+                           or start_step * samples_per_step(cfg, previous_world or cfg.scaling.max_workers))
+        unlogged = [(int(step), dict(values)) for step, values in state.get("unlogged_metrics") or []]
     del state
+    scale_learning_rates(cfg, (opt_g, opt_d), world)
 
     node_ids = gather_objects(ray.get_runtime_context().get_node_id(), world)  # collective
     from pipeline.datasets import stall_message, watch_stream
@@ -708,4 +884,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                           node_ids=node_ids)
     Trainer(cfg, rank=rank, world_size=world, device=device, networks=networks, optimizers=(opt_g, opt_d),
             batches=batches, start_step=start_step, mlflow_run_id=run_id, hooks=hooks,
-            init_tags=init.tags if init is not None else None).train()
+            init_tags=init.tags if init is not None else None, samples_seen=samples_seen,
+            previous_world_size=previous_world, unlogged=unlogged if rank == 0 else ()).train()

@@ -172,10 +172,24 @@ def transform_batch(batch: dict, *, epoch: int, data: DataConfig, masks: MaskCon
 
 # ------------------------------------------------------------------------------------- datasets
 
+def _shard_rows(uri: str, options: dict | None) -> int:
+    """Rows of one Parquet shard, from its footer."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_filesystem(uri, options)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1, start_epoch: int = 0,
-                        with_keys: bool = False):
+                        skip_rows: int = 0, shard_rows: dict[str, int] | None = None, with_keys: bool = False):
     """A Ray Dataset of training samples for epochs ``start_epoch .. start_epoch + epochs - 1`` over
     ``<data.shards>/train``.
+
+    ``skip_rows``: rows of ``start_epoch`` already consumed (a resumed job's place in the stream): the
+    epoch's first shards, in its seeded order, are left out while their rows fit in ``skip_rows``, so a
+    resumed stream repeats at most the rows of the one shard it stopped in (the stream's block) and skips
+    none. Shard sizes come from ``shard_rows`` (file name -> rows, the manifest's) or the shards' footers.
 
     Columns: image (S, S, 3) uint8, mask (S, S, 1) uint8 (1 = hole), weight (S, S, 1) float32, with
     S = data.crop_size; with ``with_keys`` also key (str) and epoch (int64), for inspection (not for
@@ -203,10 +217,24 @@ def build_train_dataset(data: DataConfig, masks: MaskConfig, *, epochs: int = 1,
     files = storage.list_files(train_uri, (".parquet",), data.storage)
     if not files:
         raise ValueError(f"no Parquet shards under {storage.redact(train_uri)}: run `deepfill prepare` first")
+    if skip_rows < 0:
+        raise ValueError(f"skip_rows must be >= 0, got {skip_rows}")
     items = []
     for epoch in range(start_epoch, start_epoch + epochs):
         order = np.random.default_rng(stable_seed("blocks", masks.seed, epoch)).permutation(len(files))
         items.extend({"epoch": epoch, "file": storage.join(train_uri, files[i])} for i in order)
+    skipped = 0
+    while skip_rows and len(items) > 1:  # whole shards of the start epoch that the job has consumed
+        name = items[0]["file"].rsplit("/", 1)[-1]
+        rows = (shard_rows or {}).get(name)
+        rows = _shard_rows(items[0]["file"], data.storage) if rows is None else int(rows)
+        if skipped + rows > skip_rows or items[0]["epoch"] != start_epoch:
+            break
+        skipped += rows
+        items.pop(0)
+    if skip_rows:
+        log.info("training stream resumes in epoch %d after %d of the %d rows consumed (%d shard(s) left out)",
+                 start_epoch, skipped, skip_rows, len(files) * epochs - len(items))
     # Ray Train builds this dataset in its controller and runs it in a SplitCoordinator, processes whose
     # DataContext the driver's pipeline.cluster.connect never touched: quiet its progress bars here
     quiet_ray_data()

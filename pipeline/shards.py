@@ -499,6 +499,8 @@ def prepare(src: str, dst: str, *, shard_size_bytes: int = DEFAULT_SHARD_SIZE, v
                   "rule": "val if blake2b('split', seed, key) / 2**128 < val_fraction"},
         "shards": {split: sorted(r["shard"] for r in recs if r["split"] == split and r["rows"] > 0)
                    for split in SPLITS},
+        "shard_rows": {split: {r["shard"]: r["rows"] for r in sorted(recs, key=lambda r: r["shard"])
+                               if r["split"] == split and r["rows"] > 0} for split in SPLITS},
         "bytes": {split: sum(r["bytes"] for r in recs if r["split"] == split) for split in SPLITS},
         "options": {"shard_size_bytes": shard_size_bytes, "min_size": min_size, "max_pixels": max_pixels,
                     "max_bytes": max_bytes},

@@ -62,7 +62,7 @@ def test_unknown_keys_are_rejected_with_the_valid_ones():
     ("optim.beta2=1.5", "optim.beta2"),
     ("checkpoint.every=0", "checkpoint.every"),
     ("scaling.custom_resources={CPU: 2}", "scaling.custom_resources.CPU"),
-    ("debug.fail_at_step=-1", "debug.fail_at_step"),
+    ("debug.step_delay_s=-1", "debug.step_delay_s"),
     # non-finite numbers, for every float option (jobs.options)
     ("optim.lr_generator=.inf", "optim.lr_generator: must be a finite number"),
     ("optim.lr_critic=nan", "optim.lr_critic: must be a finite number"),

@@ -103,6 +103,27 @@ def test_masks_vary_by_sample_and_epoch_and_repeat_for_the_seed(s3_shards, ray_l
             assert (r[name] == by[(r["key"], 1)][name]).all()
 
 
+def test_a_stream_resumed_inside_an_epoch_leaves_out_the_shards_it_consumed(s3_shards, ray_local):
+    """``skip_rows``: the resumed stream starts after the whole shards of its epoch (in that epoch's order)
+    that the rows already taken cover, so it repeats at most the rest of one shard and skips nothing."""
+    root, rows = s3_shards
+    data = DataConfig(shards=root, crop_size=CROP, decode_pool="tasks")
+    masks = MaskConfig(kind="mixed", seed=7)
+    full = build_train_dataset(data, masks, epochs=2, start_epoch=1, with_keys=True).take_all()
+    first = full[0]["key"]  # the first row of epoch 1's stream comes from the shard epoch 1 reads first
+    in_first = {k for k in rows if (k in GOOD_PHOTOS.values()) == (first in GOOD_PHOTOS.values())}
+    sizes = {"part-00000-of-00002.parquet": 4, "part-00001-of-00002.parquet": 6}
+    for skip, shard_rows in ((len(in_first), sizes), (len(in_first) + 1, None)):  # manifest sizes, footers
+        resumed = build_train_dataset(data, masks, epochs=2, start_epoch=1, skip_rows=skip,
+                                      shard_rows=shard_rows, with_keys=True).take_all()
+        got = sorted((r["key"], int(r["epoch"])) for r in resumed)
+        assert got == sorted([(k, 1) for k in rows if k not in in_first] + [(k, 2) for k in rows])
+    # fewer rows than the first shard holds: nothing is left out (the shard is repeated, not skipped)
+    resumed = build_train_dataset(data, masks, epochs=1, start_epoch=1, skip_rows=len(in_first) - 1,
+                                  shard_rows=sizes, with_keys=True).take_all()
+    assert sorted(r["key"] for r in resumed) == sorted(rows)
+
+
 def test_corrupt_rows_are_skipped_and_counted(tmp_path, ray_local, good_images_dir, bad_images_dir):
     bad_root, _ = bad_images_dir
     good = {k: (good_images_dir / k).read_bytes() for k in GOOD_PHOTOS.values()}

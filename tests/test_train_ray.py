@@ -147,48 +147,121 @@ class RecordingStream(T.TrainStream):
         super().__init__(cfg, run_uri)
         self.record = record
 
-    def resume_step(self):
-        step = super().resume_step()
+    def resume_point(self):
+        step, seen = super().resume_point()
         with open(self.record, "a") as f:
-            f.write(f"{step}\n")
-        return step
+            f.write(f"{step} {seen}\n")
+        return step, seen
 
 
-def test_a_worker_that_dies_is_replaced_and_the_run_resumes_from_the_last_checkpoint(ray_local, train_shards,
-                                                                                     tmp_path):
-    cfg = _tiny(tmp_path, train_shards, "steps=4", "name=fault", "debug.fail_at_step=3", "val_every=0")
-    record = tmp_path / "stream_starts.txt"
-    result = T.train(cfg, dataset=RecordingStream(cfg, T.storage_uri(cfg), str(record)))
-    assert result.step == 4
-    # Ray Train built the stream twice: for the new run, then for the restarted worker group at step 2
-    assert record.read_text().split() == ["0", "2"]
-    assert (tmp_path / "runs" / "fault" / ".debug-failed-at-step-3").exists()  # the hook did kill rank 1
-    client, runs = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "deepfill-tiny")
-    assert len(runs) == 1
-    steps = _steps(client, runs[0].info.run_id)
-    # restarted from the step-2 checkpoint: steps 1, 2 once; step 3 may be logged by rank 0 before the failure
-    assert steps.count(1) == 1 and steps.count(2) == 1 and steps.count(4) == 1 and 3 in steps
-    assert runs[0].data.metrics["ddp_param_divergence"] == 0.0
+def _wait(what, check, timeout_s=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
-def test_two_workers_on_two_nodes_keep_identical_parameters(train_shards, tmp_path):
+def _events(client, run_id):
+    import json
+
+    tags = client.get_run(run_id).data.tags
+    return [json.loads(tags[k]) for k in sorted(tags) if k.startswith("deepfill.event.")]
+
+
+def test_an_elastic_job_grows_shrinks_on_a_drain_and_logs_every_step_once(train_shards, tmp_path, monkeypatch):
+    """``scaling.num_workers=[1, 2]`` on a real multi-node cluster: it starts with the one node that has
+    room (1 worker), grows to 2 when a node joins (resuming a 1-worker checkpoint on 2 workers), takes a
+    just-in-time checkpoint when that node is drained with the preemption reason through Ray's own drain
+    API, and goes on with 1 worker from that checkpoint (a 2-worker checkpoint on 1 worker) when the node
+    goes. One MLflow run, every step logged once, in order; ``world_size`` follows the resizes."""
+    import threading
+    import time
+
+    import mlflow
     import ray
     from ray.cluster_utils import Cluster
+    from ray.core.generated import autoscaler_pb2
 
     ray.shutdown()
+    # right after a node goes, Ray Train may still count its resources and wait for a worker group that
+    # cannot start: a short start timeout (Ray Train's own setting) keeps that wait short here
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
+    monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    nodes = [cluster.add_node(num_cpus=1, resources={"trainer": 1}) for _ in range(2)]
+    cluster.add_node(num_cpus=1, resources={"trainer": 1})
     try:
         ray.init(address=cluster.address)
         cluster.wait_for_nodes()
-        cfg = _tiny(tmp_path, train_shards, "steps=2", "name=multinode", "val_every=0",
-                    "scaling.custom_resources={trainer: 1}", "scaling.placement_strategy=SPREAD")
-        result = T.train(cfg)
-        assert result.step == 2
-        worker_nodes = result.metrics["worker_node_ids"].split(",")
-        assert len(worker_nodes) == 2 and len(set(worker_nodes)) == 2
-        assert set(worker_nodes) == {n.node_id for n in nodes}
-        assert result.metrics["ddp_param_divergence"] == 0.0  # DDP kept the ranks' parameters identical
+        steps = 24
+        cfg = _tiny(tmp_path, train_shards, f"steps={steps}", "name=elastic", "val_every=0",
+                    "scaling.num_workers=[1, 2]", "scaling.resize_interval_s=1", "checkpoint.every=3",
+                    "checkpoint.num_to_keep=10", "scaling.custom_resources={trainer: 1}",
+                    "scaling.placement_strategy=SPREAD", "debug.step_delay_s=0.6",
+                    "checkpoint.max_failures=3")
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        record = tmp_path / "stream_starts.txt"
+        stream = RecordingStream(cfg, T.storage_uri(cfg), str(record))
+        out: dict = {}
+        job = threading.Thread(target=lambda: out.update(result=T.train(cfg, dataset=stream)), daemon=True)
+        job.start()
+        client = mlflow.MlflowClient(uri)
+
+        def run_events():
+            exp = client.get_experiment_by_name("deepfill-tiny")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            return _events(client, runs[0].info.run_id) if runs else []
+
+        def checkpoints():
+            return sorted(p.name for p in (tmp_path / "runs" / "elastic").glob("checkpoint_step_*"))
+
+        _wait("a first checkpoint with 1 worker", lambda: checkpoints() and run_events())
+        assert [e["world_size"] for e in run_events()] == [1]
+        second = cluster.add_node(num_cpus=1, resources={"trainer": 1})  # capacity appears: grow to 2
+        grown = _wait("the job to grow to 2 workers", lambda: [e for e in run_events() if e["world_size"] == 2])
+        _wait("a checkpoint with 2 workers", lambda: any(S.checkpoint_step(c) > grown[0]["step"] for c in checkpoints()))
+        # a spot reclaim: Ray Core drains the node with the preemption reason and a deadline
+        deadline = time.time() + 20
+        gcs = ray._raylet.GcsClient(address=cluster.address)
+        accepted, why = gcs.drain_node(second.node_id,
+                                       autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                       "spot reclaim (test)", int(deadline * 1000))
+        assert accepted, why
+        seen = _wait("the job to see the drain", lambda: [e for e in run_events() if e["kind"] == "preemption"])
+        jit = seen[0]["step"]
+        # Ray Train has registered it: the checkpoint a restarted worker group is handed
+        _wait("the just-in-time checkpoint", lambda: (T.checkpoint_record(cfg, T.storage_uri(cfg)) or {}).get("step") == jit)
+        landed = time.time()
+        assert landed < deadline  # it landed before the deadline
+        cluster.remove_node(second)  # the node goes
+        job.join(timeout=240)
+        assert not job.is_alive()
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+    result = out["result"]
+    assert result.step == steps
+    events = run_events()
+    timeline = [(e["kind"], e["step"], e["world_size"]) for e in events]
+    print("elastic timeline:", timeline, "jit checkpoint at step", jit, f"{deadline - landed:.1f} s before the deadline")
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "start" and "resize" in kinds and "preemption" in kinds
+    after = events[kinds.index("preemption") + 1]  # the worker group that followed the node's loss
+    assert (after["kind"], after["world_size"], after["step"]) == ("resize", 1, jit)  # resumed at the JIT step
+    (run,) = client.search_runs([client.get_experiment_by_name("deepfill-tiny").experiment_id])
+    assert _steps(client, run.info.run_id) == list(range(1, steps + 1))  # every step once, in order
+    sizes = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "world_size"),
+                                          key=lambda m: m.step)]
+    assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1
+    assert all(np.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "g_loss"))
+    assert run.data.metrics["ddp_param_divergence"] == 0.0
+    # each worker group's data started where the checkpoint it resumed left the stream, not at its epoch's start
+    starts = [line.split() for line in record.read_text().splitlines()]
+    assert starts[0] == ["0", "0"] and len(starts) >= 3
+    for step, seen_samples in starts[1:]:
+        assert int(step) > 0 and int(seen_samples) >= 2 * int(step)  # 2 samples a step per worker, >= 1 worker

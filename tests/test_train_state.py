@@ -175,7 +175,9 @@ def test_mlflow_params_tags_and_the_logged_generator_are_redacted(mlflow_uri, mo
     monkeypatch.setattr(Tracker, "log_model", capture)
     hook = MLflowLogging(mlflow_uri, f"s3://{KEY_ID}:{SECRET}@bucket/run", ["node-1"])
     trainer = SimpleNamespace(rank=0, cfg=cfg, mlflow_run_id=None, world_size=1, device=torch.device("cpu"),
-                              error=None, step=1, start_step=0, generator=build_networks(cfg)[0], init_tags={})
+                              error=None, step=1, start_step=0, generator=build_networks(cfg)[0], init_tags={},
+                              previous_world_size=None, events=[], pictures={}, metrics={}, committed_step=0,
+                              unlogged=[])
     hook.before_train(trainer)
     hook.after_train(trainer)
     resumed = Tracker.start(mlflow_uri, cfg.tracking.experiment, cfg.name, flatten(cfg),
@@ -209,20 +211,24 @@ def test_the_loop_config_round_trips_through_the_worker_payload():
 
 
 @pytest.mark.parametrize("steps, n_critic, workers, batch, count, expected", [
-    (4, 1, 2, 2, 12, 3),  # 8 batches per worker, 3 full batches per worker per pass
+    (4, 1, 2, 2, 12, 3),  # 4 steps x 2 workers x 2 batches of 2 = 32 samples: 3 passes over 12
     (10, 5, 1, 16, 1000, 1),
+    (4, 1, [1, 2], 2, 12, 3),  # an elastic job covers its steps at its largest size
 ])
 def test_train_epochs_cover_the_steps(steps, n_critic, workers, batch, count, expected):
     cfg = _tiny_cfg(steps=steps, **{"gan.n_critic": n_critic, "scaling.num_workers": workers,
                                     "batch_size": batch})
-    assert T.train_epochs(cfg, count) == expected
+    assert T.train_epochs(cfg, T.StreamPosition(0, count)) == expected
 
 
-def test_a_resumed_job_starts_its_data_at_its_own_epoch():
+def test_a_resumed_job_starts_its_data_where_it_stopped():
     cfg = _tiny_cfg(steps=10, **{"gan.n_critic": 1, "scaling.num_workers": 2, "batch_size": 2})
-    # 3 full batches per worker per pass, 2 batches per step: step 6 has used 12 batches = 4 passes
-    assert T.start_epoch(cfg, 12, 6) == 4
-    assert T.train_epochs(cfg, 12, 6) == 3  # 4 steps left = 8 batches = 3 passes
+    assert T.samples_per_step(cfg, 2) == 8 and T.samples_per_step(cfg, 1) == 4
+    position = T.StreamPosition(6 * 8, 12)  # 6 steps at 2 workers: 48 samples = 4 passes over 12
+    assert (position.epoch, position.rows) == (4, 0)
+    assert T.train_epochs(cfg, position, 6) == 3  # 4 steps left = 32 samples = 3 passes
+    position = T.StreamPosition(6 * 8 + 5 * 4, 12)  # then 5 steps at 1 worker: 20 more
+    assert (position.epoch, position.rows) == (5, 8)
 
 
 def test_a_new_run_streams_from_step_zero(tmp_path):
