@@ -7,7 +7,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install chromium test demo bench clean
+.PHONY: install chromium test demo experiment bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,23 @@ test: install chromium
 
 demo: install
 	$(BIN)/python -m jobs.demo
+
+# The paper's ablation grid, gan.loss x model.attention (6 arms), on the demo's data (jobs/demo.py builds it),
+# EXPERIMENT_STEPS generator steps per arm on CPU, then one comparison report (report.html, report.md) under
+# $(EXPERIMENT)/report. `deepfill sweep` trains arms at once where the local Ray holds them (Ray Tune trials),
+# else one after another. EXPERIMENT_ARGS is passed on, e.g. EXPERIMENT_ARGS='--max-concurrent 1'.
+EXPERIMENT       ?= experiment_output
+EXPERIMENT_STEPS ?= 200
+EXPERIMENT_ARGS  ?=
+experiment: install
+	$(BIN)/python -c "from pathlib import Path; from jobs.demo import DemoOptions, build_dataset; \
+	  print(build_dataset(Path('$(EXPERIMENT)/images'), DemoOptions()))"
+	$(BIN)/deepfill prepare --src $(EXPERIMENT)/images/train --dst $(abspath $(EXPERIMENT))/shards \
+	  --min-size 64 --val-fraction 0.05
+	$(BIN)/deepfill sweep --config configs/ablations/base.yaml \
+	  --grid gan.loss=wgan_gp,dcgan,lsgan --grid model.attention=contextual,none --steps $(EXPERIMENT_STEPS) \
+	  --set data.shards=$(abspath $(EXPERIMENT))/shards --set checkpoint.storage_path=$(abspath $(EXPERIMENT))/ray_results \
+	  --images $(EXPERIMENT)/images/held_out --output $(EXPERIMENT)/report $(EXPERIMENT_ARGS)
 
 bench: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

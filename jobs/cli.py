@@ -1,4 +1,4 @@
-"""The ``deepfill`` command line: ``deepfill {prepare,train,infer,evaluate,import,serve} ...``.
+"""The ``deepfill`` command line: ``deepfill {prepare,train,sweep,infer,evaluate,import,serve} ...``.
 
 Each subcommand lives in its own module under ``jobs/`` and exposes:
 
@@ -33,6 +33,7 @@ from pipeline.storage import CREDENTIALS_HINT, has_credentials, redact, redact_t
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("jobs.prepare", "turn a tree of images into validated Parquet shards plus a manifest"),
     "train": ("jobs.train", "train DeepFill v1 on Ray Train (DDP), checkpointed and tracked in MLflow"),
+    "sweep": ("jobs.sweep", "train a grid of arms (Ray Tune trials of Ray Train runs) and compare them in one report"),
     "infer": ("jobs.infer", "inpaint a folder or bucket of images with a pool of Ray Data model actors"),
     "evaluate": ("jobs.evaluate", "score a model against OpenCV Telea / Navier-Stokes on deterministic masks"),
     "import": ("jobs.import_weights", "convert released DeepFill v1 weights (TF release, PyTorch port, MMagic) and register them"),
@@ -50,7 +51,7 @@ def _version() -> str:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepfill",
-        description="DeepFill v1 inpainting on Ray: prepare shards, train, run batch inference, evaluate, import released weights, serve.",
+        description="DeepFill v1 inpainting on Ray: prepare shards, train, sweep a grid of arms, run batch inference, evaluate, import released weights, serve.",
     )
     parser.add_argument("--version", action="version", version=f"deepfill-ray {_version()}")
     parser.add_argument("--log-level", default=os.environ.get("DEEPFILL_LOG_LEVEL", "INFO"), help="logging level")

@@ -223,3 +223,56 @@ def test_no_usable_image_fails_with_one_line_and_writes_nothing(tmp_path, caplog
     assert len(errors) == 1 and "\n" not in errors[0]
     assert "no usable images" in errors[0] and "all 2 skipped (empty: 1, not_an_image: 1)" in errors[0]
     assert not output.exists()
+
+
+def test_several_models_are_rows_of_one_report_with_intervals_and_a_self_contained_page(tmp_path, one_torch_thread):
+    import re
+
+    images, output = tmp_path / "heldout", tmp_path / "report"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        (images / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)))
+    (tmp_path / "a").mkdir()
+    first = _generator_file(tmp_path / "a", cnum=4)
+    torch.manual_seed(1)
+    second = tmp_path / "b.pt"
+    models.checkpoint.save_generator(str(second), models.InpaintGenerator(cnum=4).eval())
+    argv = ["evaluate", "--images", str(images), "--model", f"{first},{second}", "--mask-preset", "box",
+            "--size", "32", "--output", str(output), "--no-mlflow", "--bootstrap", "200"]
+    assert main([*argv, "--labels", "one"]) == 2  # one label for two models: refused before anything runs
+    assert main([*argv, "--labels", "wide,narrow"]) == 0
+    result = json.loads((output / "metrics.json").read_text())
+    assert [m["key"] for m in result["methods"]] == ["wide", "narrow", "telea", "navier_stokes"]
+    for key in ("wide", "narrow", "telea"):
+        for metric in ("l1", "l1_hole", "psnr_hole", "ssim_hole", "tv_hole"):
+            lo, hi = result["ci95"][key][metric]
+            assert lo <= result["mean"][key][metric] <= hi
+    assert result["mean"]["wide"]["l1"] != result["mean"]["narrow"]["l1"]  # two different models were scored
+    rows = (output / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("key,model,label,hole_fraction,l1,") and len(rows) == 1 + 3 * 4
+    assert {r.split(",")[1] for r in rows[1:]} == {"wide", "narrow", "telea", "navier_stokes"}
+    grid = _read_png(str(output / "grid.png"))
+    assert grid.shape == (3 * 36 + 4, 7 * 36 + 4, 3)  # masked | wide | narrow | telea | truth | 2 attention maps
+    report = (output / "report.md").read_text()
+    assert "## Hole (hole pixels only)" in report and "## Whole image" in report
+    assert re.search(r"^\| wide \| [\d.]+% \[[\d.]+, [\d.]+\] \|", report, re.M)
+    assert "No training curves for wide, narrow" in report and not (output / "curves").exists()
+    page = (output / "report.html").read_text()
+    assert "href=" not in page and re.findall(r'src="([^"]*)"', page)[0].startswith("data:image/png;base64,")
+
+
+def test_score_hole_metrics_by_hand():
+    truth = np.zeros((16, 16, 3), np.uint8)
+    pred = truth.copy()
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:8, 4:8] = 1
+    pred[4:8, 4:8] = 51  # 0.2 on [0, 1] inside the hole
+    got = evaluate.score(pred, truth, mask)
+    assert got["l1_hole"] == pytest.approx(0.2) and got["l1"] == pytest.approx(0.2 * 16 / 256)
+    assert got["psnr_hole"] == pytest.approx(10 * np.log10(1 / 0.04))
+    # tv over the pairs touching the hole: rows 4..7, horizontal pairs (3,4)..(7,8): 5 pairs, 2 of them edges
+    assert got["tv_hole"] == pytest.approx(2 * (2 * 0.2 / 5))
+    assert evaluate.tv_hole(pred, np.zeros_like(mask)) != evaluate.tv_hole(pred, np.zeros_like(mask))  # NaN
+    assert got["ssim"] == pytest.approx(models.metrics.ssim(pred, truth))  # the same SSIM as models.metrics
+    assert -1 <= got["ssim_hole"] < got["ssim"] <= 1
