@@ -87,12 +87,17 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 @functools.lru_cache(maxsize=None)
 def field_help(cls: type) -> dict[str, str]:
     """``{field: help}`` from ``cls``'s source: the comment after a field on its line (continued by comment
-    lines aligned under it, ``#    more``), or else the comment lines right above the field."""
+    lines aligned under it, ``#    more``), or else the comment lines right above the field. Fields a
+    dataclass inherits take the help written where they are declared."""
+    inherited: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            inherited.update(field_help(base))
     try:
         lines, _ = inspect.getsourcelines(cls)
         tokens = list(tokenize.generate_tokens(io.StringIO("".join(lines)).readline))
     except (OSError, TypeError, tokenize.TokenError, IndentationError):
-        return {}
+        return inherited
     comments = {t.start[0] - 1: t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT}
     alone = {i for i in comments if lines[i].lstrip().startswith("#")}  # comment-only lines
     names = {f.name for f in dataclasses.fields(cls)}
@@ -113,7 +118,7 @@ def field_help(cls: type) -> dict[str, str]:
                 j -= 1
         if any(parts):
             helps[match.group(1)] = " ".join(p for p in parts if p)
-    return helps
+    return {**inherited, **helps}
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -446,6 +451,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, config_help: str 
             text += " (required)"
         elif default is not None:
             text += f" (default: {default})"
+        if kind is list:  # repeatable: --model A --model B is --model A,B
+            parser.add_argument(flag, dest=f.name, action="append", default=argparse.SUPPRESS,
+                                help=f"{text} (repeatable)", metavar=_METAVARS[list])
+            continue
         literal = typing.get_origin(kind) is typing.Literal
         parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=text,
                             choices=list(typing.get_args(kind)) if literal else None,
@@ -466,4 +475,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, config_help: str 
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """The options of ``cls`` from a namespace parsed by a parser that ``add_options`` set up."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    for name, value in values.items():
+        if isinstance(value, list):  # a repeatable list flag: its occurrences, each read as one flag would be
+            values[name] = [item for text in value for item in _coerce(text, list[Any], f"--{name.replace('_', '-')}")]
     return load_config(cls, args.config, args._overrides, values)

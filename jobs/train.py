@@ -335,8 +335,22 @@ def job_run_id(cfg: TrainConfig, tracking_uri: str, run_uri: str) -> str:
     run_id = (checkpoint_record(cfg, run_uri) or {}).get("mlflow_run_id")
     if run_id:
         return str(run_id)
-    return Tracker.create(tracking_uri, cfg.tracking.experiment, cfg.name, flatten(to_dict(cfg)),
-                          tags={"storage": run_uri})
+    tags = {"storage": run_uri, **cfg.tracking.tags}
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    return Tracker.create(tracking_uri, cfg.tracking.experiment, cfg.name, flatten(to_dict(cfg)), tags=tags)
+
+
+def end_run_if_running(tracking_uri: str, run_id: str, status: str) -> None:
+    """Mark the job's MLflow run ``status`` unless a worker already ended it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+    except Exception as err:  # noqa: BLE001 - reporting the job's own error matters more
+        log.warning("could not mark MLflow run %s %s: %s", run_id, status, err)
 
 
 def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
@@ -403,7 +417,11 @@ def train(cfg: TrainConfig, *, dataset=None) -> TrainResult:
     log.info("training %s: %d steps on %s worker(s), checkpoints in %s, MLflow run %s at %s", cfg.name,
              cfg.steps, "-".join(map(str, cfg.scaling.ray_num_workers())) if cfg.scaling.elastic
              else cfg.scaling.num_workers, storage.redact(run_uri), run_id, storage.redact(tracking_uri))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        end_run_if_running(tracking_uri, run_id, "FAILED")  # a job that never got going leaves no RUNNING run
+        raise
     metrics = dict(result.metrics or {})
     ckpt = None
     if result.checkpoint is not None:

@@ -185,6 +185,8 @@ class TrackingOptions:
     alias: str = "candidate"  # alias set on the registered version ("" = none)
     log_model: bool = True  # log the final generator as a pyfunc MLflow model
     grid_rows: int = 4  # validation samples shown in each picture grid
+    parent_run_id: str = ""  # MLflow run this job's run is a child of (tag mlflow.parentRunId); deepfill sweep sets it
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags on the job's MLflow run (deepfill sweep: the arm)
 
     def __post_init__(self):
         check_name(self.experiment, "tracking.experiment", forbid="")
