@@ -192,7 +192,9 @@ def test_an_elastic_job_grows_shrinks_on_a_drain_and_logs_every_step_once(train_
     # cannot start: a short start timeout (Ray Train's own setting) keeps that wait short here
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     monkeypatch.setenv("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # a node that goes is seen dead within a second (Ray's default health check takes longer)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": {
+        "health_check_period_ms": 500, "health_check_failure_threshold": 2}})
     cluster.add_node(num_cpus=1, resources={"trainer": 1})
     try:
         ray.init(address=cluster.address)
