@@ -6,6 +6,10 @@ STAMP  := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
+# pip installs with --no-compile (byte-compiling all of Ray, torch and MLflow at install takes a minute, most
+# of it for modules nothing imports); Python then caches what is imported, on first import, which a
+# PYTHONDONTWRITEBYTECODE left in the environment would forbid
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install chromium test demo experiment bench clean
 
@@ -15,8 +19,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install --no-compile torch==2.13.0
+	$(BIN)/pip install --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 # The page tests (tests/test_serve_page.py) drive Debian's Chromium and chromedriver: installed when missing.
