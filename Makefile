@@ -42,7 +42,7 @@ demo: install
 # $(EXPERIMENT)/report. `deepfill sweep` trains arms at once where the local Ray holds them (Ray Tune trials),
 # else one after another. EXPERIMENT_ARGS is passed on, e.g. EXPERIMENT_ARGS='--max-concurrent 1'.
 EXPERIMENT       ?= experiment_output
-EXPERIMENT_STEPS ?= 200
+EXPERIMENT_STEPS ?= 100
 EXPERIMENT_ARGS  ?=
 experiment: install
 	$(BIN)/python -c "from pathlib import Path; from jobs.demo import DemoOptions, build_dataset; \
