@@ -210,3 +210,22 @@ def write_hostile_images(root: Path) -> dict[str, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     return {key: kinds[key] for key in files}
+
+
+def copied_photos(photos: Path, dst: Path, copies: int) -> list[str]:
+    """The photos under ``photos`` copied ``copies`` times (``dst/copy<i>/...``); returns the keys, sorted."""
+    import shutil
+
+    for copy in range(copies):
+        for f in sorted(photos.rglob("*.*")):
+            target = dst / f"copy{copy}" / f.relative_to(photos)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, target)
+    return sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*.*"))
+
+
+def split_seed(keys: list[str], val_fraction: float, val_count: int) -> int:
+    """The first split seed that puts exactly ``val_count`` of ``keys`` in the val split."""
+    from pipeline.shards import split_of
+
+    return next(s for s in range(1000) if sum(split_of(k, val_fraction, s) == "val" for k in keys) == val_count)

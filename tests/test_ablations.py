@@ -14,21 +14,11 @@ import models
 from models import checkpoint, losses
 from models.gan import GanOptions, LossOptions, critic_step, generator_step
 from models.generator import InpaintGenerator
+from tests.test_gan import SIZE, _setup  # the tiny networks and sizes of the GAN step tests
 
-SIZE = 32  # the sizes of tests/test_gan.py
 ABLATIONS = Path(__file__).resolve().parents[1] / "configs" / "ablations"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _setup(seed: int = 0, attention: str = "contextual"):
-    torch.manual_seed(seed)
-    gen = InpaintGenerator(cnum=4, attention=attention)
-    local = models.local_critic(cnum=4, size=SIZE // 2)
-    glob = models.global_critic(cnum=4, size=SIZE)
-    opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(list(local.parameters()) + list(glob.parameters()), lr=1e-3, betas=(0.5, 0.9))
-    return gen, local, glob, opt_g, opt_d
 
 
 def _batch(seed: int = 1, b: int = 2):
@@ -276,8 +266,8 @@ def test_every_arm_is_shipped_and_is_the_base_plus_its_own_lines():
     assert {p.name for p in ABLATIONS.glob("*.yaml")} == set(ARMS) | {"base.yaml"}
     base = _flat(read_yaml(ABLATIONS / "base.yaml"))
     assert base == {**_flat(read_yaml(ABLATIONS.parent / "demo.yaml")), "name": "ablation",
-                    "tracking.experiment": "deepfill-ablations", "tracking.registered_model": "",
-                    "tracking.alias": ""}
+                    "log_every": 10, "val_every": 20, "tracking.experiment": "deepfill-ablations",
+                    "tracking.registered_model": "", "tracking.alias": ""}
     for file, (name, values) in ARMS.items():
         assert _flat(read_yaml(ABLATIONS / file)) == {**base, "name": name, **values}, file
 

@@ -15,9 +15,10 @@ SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _setup(seed: int = 0):
+def _setup(seed: int = 0, attention: str = "contextual"):
+    """A generator of width 4 (``attention``: its refinement network), both critics and their optimisers."""
     torch.manual_seed(seed)
-    gen = models.InpaintGenerator(cnum=4)
+    gen = models.InpaintGenerator(cnum=4, attention=attention)
     local = models.local_critic(cnum=4, size=SIZE // 2)
     glob = models.global_critic(cnum=4, size=SIZE)
     opt_g = torch.optim.Adam(gen.parameters(), lr=1e-3, betas=(0.5, 0.9))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from jobs import report, sweep
 from jobs.cli import main
 from jobs.options import load_config
 from jobs.train import ClusterResources
+from tests.imaging import copied_photos, split_seed
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -109,16 +109,10 @@ def sweep_shards(good_images_dir, tmp_path_factory):
     """A local shard folder: the 4 test photos under 2 keys each, 2 of the 8 in the val split."""
     import ray
 
-    from pipeline.shards import prepare, split_of
+    from pipeline.shards import prepare
 
     src = tmp_path_factory.mktemp("sweep_src")
-    for copy in range(2):
-        for f in sorted(good_images_dir.rglob("*.*")):
-            target = src / f"copy{copy}" / f.relative_to(good_images_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, target)
-    keys = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*"))
-    seed = next(s for s in range(1000) if sum(split_of(k, 0.25, s) == "val" for k in keys) == 2)
+    seed = split_seed(copied_photos(good_images_dir, src, 2), 0.25, 2)
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, object_store_memory=400 * 1024**2, include_dashboard=False)
     dst = tmp_path_factory.mktemp("sweep_shards") / "shards"

@@ -1,4 +1,4 @@
-"""The training job on real Ray Train (2 CPU workers, tiny config): end to end on S3, resume, fault, multi-node.
+"""The training job on real Ray Train (tiny config): end to end on S3, a rerun that resumes, an elastic job on a multi-node cluster.
 
 These are the project's slowest tests (each starts a Ray Train run); they keep to a few steps of a tiny
 model (cnum 8, 64x64 crops, 2 images per batch, one critic step per generator step).
@@ -7,7 +7,6 @@ model (cnum 8, 64x64 crops, 2 images per batch, one critic step per generator st
 from __future__ import annotations
 
 import io
-import shutil
 import uuid
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from jobs import train as T
 from jobs import train_state as S
 from jobs.options import load_config
 from tests.conftest import S3_TEST_SECRET
+from tests.imaging import copied_photos, split_seed
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +32,10 @@ def train_shards(s3_server, good_images_dir, tmp_path_factory):
     import ray
     import s3fs
 
-    from pipeline.shards import prepare, split_of
+    from pipeline.shards import prepare
 
     src = tmp_path_factory.mktemp("train_src")
-    for copy in range(3):
-        for f in sorted(good_images_dir.rglob("*.*")):
-            target = src / f"copy{copy}" / f.relative_to(good_images_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, target)
-    keys = sorted(p.relative_to(src).as_posix() for p in src.rglob("*.*"))
-    seed = next(s for s in range(1000) if sum(split_of(k, 0.2, s) == "val" for k in keys) == 2)
+    seed = split_seed(copied_photos(good_images_dir, src, 3), 0.2, 2)
     bucket = f"train-{uuid.uuid4().hex[:8]}"
     s3fs.S3FileSystem(endpoint_url=s3_server).mkdir(bucket)
     if not ray.is_initialized():
