@@ -1,4 +1,4 @@
-"""The training job on real Ray Train (tiny config): end to end on S3, a rerun that resumes, an elastic job on a multi-node cluster.
+"""The training job on real Ray Train (tiny config): on S3 end to end, a resuming rerun, an elastic multi-node job.
 
 These are the project's slowest tests (each starts a Ray Train run); they keep to a few steps of a tiny
 model (cnum 8, 64x64 crops, 2 images per batch, one critic step per generator step).
