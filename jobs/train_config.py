@@ -152,7 +152,9 @@ class CheckpointOptions:
     # on a drain of one of the job's nodes, every worker takes part in a just-in-time checkpoint (Ray Train's
     #    get_preemption_info, asked every preemption_check_every steps: a barrier across the workers)
     on_preemption: bool = True
-    preemption_check_every: int = 1  # steps between preemption checks (each one is a barrier)
+    # steps between preemption checks: each is a barrier through a Ray actor (0.1 s a step on 2 busy CPU
+    #    cores, benchmarks/checkpoint.py); 10 steps answer a 2-minute spot notice in seconds
+    preemption_check_every: int = 10
     # async: the upload to checkpoint.storage_path runs in the background while training goes on (the step
     #    that reports waits only for the local write); sync: the reporting step waits for the upload
     upload: Literal["async", "sync"] = "async"

@@ -145,19 +145,22 @@ def _sweep_argv(tmp_path, shards, uri, *extra):
 @pytest.mark.slow
 def test_a_2x2_sweep_puts_four_arms_under_one_parent_and_compares_them_in_one_report(
         ray_local, sweep_shards, good_images_dir, tmp_path, mlflow_uri, capsys):
-    """The laptop path: scaling.num_workers=0 trains each arm in this process, one after another."""
+    """The laptop path: scaling.num_workers=0 trains each arm in this process, one after another. The
+    paper's grid, gan.loss x model.attention, with every other ablation switch on too (no spatial discount,
+    no hole L1): each arm trains two steps, registers and is compared."""
     import mlflow
 
     out = tmp_path / "report"
     argv = _sweep_argv(tmp_path, sweep_shards, mlflow_uri, "--set", "scaling.num_workers=0",
-                       "--grid", "gan.gan_weight=0.001,0.01,optim.lr_generator=1e-4,2e-4",
+                       "--set", "loss.spatial_discount=false", "--set", "gan.l1_weight=0",
+                       "--grid", "gan.loss=dcgan,lsgan", "--grid", "model.attention=contextual,none",
                        "--images", str(good_images_dir), "--mask-preset", "box", "--output", str(out))
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "1 at a time (scaling.num_workers=0" in printed
     assert re.search(r"own wall times add up to [\d.]+ s \([\d.]+x\)", printed)
 
-    labels = [f"gan.gan_weight={w},optim.lr_generator={lr}" for w in ("0.001", "0.01") for lr in ("1e-4", "2e-4")]
+    labels = [f"gan.loss={g},model.attention={a}" for g in ("dcgan", "lsgan") for a in ("contextual", "none")]
     client = mlflow.MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     parents = [r for r in runs if r.data.tags.get("deepfill.job") == "sweep"]
@@ -173,7 +176,8 @@ def test_a_2x2_sweep_puts_four_arms_under_one_parent_and_compares_them_in_one_re
     assert len({r.data.tags["storage"] for r in children}) == 4  # a checkpoint folder each
     for r in children:
         assert "val_hole_l1" in r.data.metrics and "g_loss" in r.data.metrics and r.data.metrics["arm_wall_s"] > 0
-        assert r.data.params["gan.gan_weight"] in ("0.001", "0.01")
+        assert r.data.params["gan.loss"] in ("dcgan", "lsgan") and r.data.params["gan.l1_weight"] == "0.0"
+        assert r.data.params["loss.spatial_discount"] == "False" and "d_adv" in r.data.metrics
     versions = client.search_model_versions("name = 'deepfill-tiny'")
     assert sorted(v.tags["deepfill.arm"] for v in versions) == sorted(labels)
     assert {v.tags["deepfill.sweep_run_id"] for v in versions} == {parent.info.run_id}
@@ -231,6 +235,11 @@ def test_arms_train_at_once_as_tune_trials_where_the_cluster_holds_them(
     runs = client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])
     parent = next(r for r in runs if r.data.tags.get("deepfill.job") == "sweep")
     assert parent.data.metrics["arms_at_once"] == 2
+    concurrency = parent.data.metrics["concurrency"]  # the arms' own wall times added up / the sweep's
+    assert concurrency > 1.0
+    with capsys.disabled():
+        print(f"\nTune sweep: {parent.data.metrics['train_wall_s']:.1f} s wall for arms of "
+              f"{parent.data.metrics['arms_wall_s_sum']:.1f} s in all ({concurrency:.2f}x)")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
     spans = sorted((r.info.start_time, r.info.end_time) for r in children)

@@ -198,7 +198,7 @@ def test_an_elastic_job_grows_shrinks_on_a_drain_and_logs_every_step_once(train_
                     "scaling.num_workers=[1, 2]", "scaling.resize_interval_s=1", "checkpoint.every=3",
                     "checkpoint.num_to_keep=10", "scaling.custom_resources={trainer: 1}",
                     "scaling.placement_strategy=SPREAD", "debug.step_delay_s=0.6",
-                    "checkpoint.max_failures=3")
+                    "checkpoint.max_failures=3", "checkpoint.preemption_check_every=1")
         uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
         record = tmp_path / "stream_starts.txt"
         stream = RecordingStream(cfg, T.storage_uri(cfg), str(record))
