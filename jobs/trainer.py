@@ -799,7 +799,7 @@ class RayReport(Hook):
                    "worker_node_ids": ",".join(self.node_ids)}
         upload = (ray.train.CheckpointUploadMode.ASYNC if trainer.cfg.checkpoint.upload == "async"
                   else ray.train.CheckpointUploadMode.SYNC)
-        checkpointing = "samples_seen" in trainer.metrics  # a checkpoint step, on every rank
+        checkpointing = trainer.checkpoint_due  # on every rank (rank 0 alone holds the folder)
         t = time.perf_counter()
         try:
             if trainer.checkpoint_dir is not None:

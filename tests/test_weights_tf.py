@@ -31,13 +31,7 @@ DATA = FIXTURE / "snap.data-00000-of-00001"
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These networks run on tiny inputs: one thread is faster than two on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny inputs: one thread beats two on a shared machine
 
 
 @pytest.fixture(scope="module")
